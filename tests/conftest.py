@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("UPBENCH_SHARED_DIR", ROOT.parent / "shared"))
+ASSETS = SHARED / "assets"
+GOLDEN = Path(os.environ.get("UPBENCH_GOLDEN_DIR", SHARED / "golden"))
+
+
+def need(path: Path) -> Path:
+    """Skip (with the reason) when a shared asset is absent."""
+    if not path.exists():
+        pytest.skip(f"shared asset not available: {path}")
+    return path
+
+
+@pytest.fixture
+def assets() -> Path:
+    return need(ASSETS)

@@ -1,0 +1,33 @@
+"""Parity with the official implementations on every golden case in $UPBENCH_GOLDEN_DIR (default ../shared/golden).
+
+Dispatch is on the case's ``method`` field only (never its file name): the runner is meant to be pointed at
+further cases of the same kinds."""
+import torch
+import pytest
+
+import upsamplers
+from upbench.errors import UpbenchError
+from conftest import GOLDEN
+
+CASES = sorted(GOLDEN.glob("*.pt")) if GOLDEN.is_dir() else []
+
+
+@pytest.mark.skipif(not CASES, reason=f"no golden cases found in {GOLDEN}")
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_golden_case(path):
+    case = torch.load(path, weights_only=True)
+    try:
+        cls = upsamplers.for_official_method(case["method"])
+    except UpbenchError:
+        pytest.skip(f"method not implemented yet: {case['method']}")
+    model = cls.from_official(case["method"], case["constructor"])
+    model.load_official_state_dict(case["state_dict"], what=f"golden {path.name}", strict=True)
+    model.eval()
+    with torch.no_grad():
+        got = model.run_official(case["method"], case["inputs"], case["constructor"])
+    assert set(case["expected"]) <= set(got), f"missing outputs {set(case['expected']) - set(got)}"
+    for name, ref in case["expected"].items():
+        out = got[name]
+        assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+        err = (out - ref).abs().max().item()
+        assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), f"{name}: max abs err {err:.3e}"
