@@ -19,3 +19,13 @@ def need(path: Path) -> Path:
 @pytest.fixture
 def assets() -> Path:
     return need(ASSETS)
+
+# Never wait for hub retries in tests: offline failures must be immediate.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    path = tmp_path / "results"
+    monkeypatch.setenv("UPBENCH_RESULTS", str(path))
+    return path

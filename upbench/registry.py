@@ -35,8 +35,8 @@ class Registry:
                 f"unknown {self.kind} '{name}'; registered {self.kind}s: {', '.join(self.available())}"
             ) from None
 
-    def create(self, name: str, **kwargs: Any) -> Any:
-        return self.get(name)(**kwargs)
+    def create(self, key: str, /, **kwargs: Any) -> Any:
+        return self.get(key)(**kwargs)
 
     def available(self) -> List[str]:
         return sorted(self._entries)

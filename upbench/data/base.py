@@ -1,0 +1,100 @@
+"""Segmentation datasets: common item format, the JAFAR transforms, and layout helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+
+from upbench.errors import UpbenchError
+from upbench.registry import Registry
+
+DATASETS = Registry("dataset")
+IGNORE = 255
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG", ".bmp", ".webp")
+
+
+def resize_center_crop_image(img: Image.Image, size: int) -> torch.Tensor:
+    """JAFAR image transform: short side -> ``size`` (bilinear), centre crop ``size``; float tensor in [0, 1]."""
+    import torchvision.transforms.functional as TF
+
+    img = TF.resize(img.convert("RGB"), size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    img = TF.center_crop(img, [size, size])
+    return TF.to_tensor(img)
+
+
+def resize_center_crop_label(label: np.ndarray, size: int) -> torch.Tensor:
+    """JAFAR label transform: short side -> ``size`` with NEAREST_EXACT, centre crop; int64 (H, W)."""
+    t = torch.from_numpy(np.ascontiguousarray(label)).to(torch.float32)[None, None]
+    h, w = t.shape[-2:]
+    if h <= w:
+        nh, nw = size, int(size * w / h)
+    else:
+        nh, nw = int(size * h / w), size
+    t = F.interpolate(t, size=(nh, nw), mode="nearest-exact")[0, 0]
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return t[top:top + size, left:left + size].to(torch.int64)
+
+
+class SegDataset(torch.utils.data.Dataset):
+    """Items: ``{"image": (3,S,S) float in [0,1], "label": (S,S) int64 (255 = ignore), "id": str}``."""
+
+    name = "seg"
+    num_classes: int = 0
+    ignore_index: int = IGNORE
+
+    def __init__(self, pairs: Sequence[Tuple[str, str]], img_size: int = 448,
+                 label_map: Optional[np.ndarray] = None, limit: Optional[int] = None):
+        self.pairs = list(pairs)[: limit or None]
+        self.img_size = img_size
+        self.label_map = label_map
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def read_label(self, path: str) -> np.ndarray:
+        arr = np.array(Image.open(path))
+        if arr.ndim == 3:
+            arr = arr[..., 0]
+        return arr
+
+    def __getitem__(self, i: int) -> Dict[str, object]:
+        img_path, lbl_path = self.pairs[i]
+        label = self.read_label(lbl_path)
+        if self.label_map is not None:
+            label = self.label_map[label]
+        with Image.open(img_path) as img:
+            image = resize_center_crop_image(img, self.img_size)
+        return {"image": image, "label": resize_center_crop_label(label, self.img_size),
+                "id": Path(img_path).stem}
+
+
+def list_images(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in IMAGE_EXTS) if folder.is_dir() else []
+
+
+def pair_by_stem(images: Sequence[Path], label_dir: Path, label_name: Callable[[str], str]) -> List[Tuple[str, str]]:
+    pairs = []
+    for img in images:
+        lbl = label_dir / label_name(img.stem)
+        if lbl.exists():
+            pairs.append((str(img), str(lbl)))
+    return pairs
+
+
+def missing_data(dataset: str, root: str, layout: str, where: str) -> UpbenchError:
+    return UpbenchError(f"{dataset}: no images found under '{root}'; expected {layout}; get it from {where} "
+                        f"and set dataset.root=/path")
+
+
+def read_id_list(path: Optional[str]) -> Optional[set]:
+    if not path:
+        return None
+    p = Path(os.path.expanduser(path))
+    if not p.exists():
+        raise UpbenchError(f"image list not found: {p}")
+    return {Path(line.strip()).stem for line in p.read_text().splitlines() if line.strip()}

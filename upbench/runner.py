@@ -1,0 +1,107 @@
+"""The one data path every job takes: config -> backbone, upsampler, data -> task -> result row -> store."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+from . import results
+from .backbones import Backbone, create_backbone
+from .errors import UpbenchError
+from .features import PROCESS_CACHE, FeatureCache
+
+_BACKBONES: Dict[str, Backbone] = {}
+
+
+def to_container(cfg: Any) -> Dict[str, Any]:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:
+        pass
+    return dict(cfg)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise UpbenchError(f"device={name} requested but CUDA is not available; use device=cpu")
+    return torch.device(name)
+
+
+def get_backbone(cfg: Dict[str, Any], device: torch.device) -> Backbone:
+    """Backbones are frozen and stateless: one instance per process and config."""
+    key = json.dumps(cfg, sort_keys=True) + str(device)
+    if key not in _BACKBONES:
+        _BACKBONES[key] = create_backbone(cfg).to(device)
+    return _BACKBONES[key]
+
+
+def build_upsampler(cfg: Dict[str, Any], backbone: Backbone, device: torch.device):
+    import upsamplers
+
+    model = upsamplers.create(cfg["name"], weights=cfg.get("weights"), in_channels=backbone.channels,
+                              patch_size=backbone.patch_size, **(cfg.get("kwargs") or {}))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def build_datasets(cfg: Dict[str, Any]) -> Tuple[Any, Any]:
+    from .data import DATASETS
+
+    cfg = dict(cfg)
+    name = cfg.pop("name")
+    train_split, val_split = cfg.pop("train_split", "train"), cfg.pop("val_split", "val")
+    limit_train, limit_val = cfg.pop("limit_train", None), cfg.pop("limit_val", None)
+    cfg.pop("num_classes", None)
+    train = DATASETS.create(name, split=train_split, limit=limit_train, **cfg)
+    val = DATASETS.create(name, split=val_split, limit=limit_val, **cfg)
+    return train, val
+
+
+def job_identity(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    return {"task": cfg["task"]["name"], "upsampler": cfg["upsampler"]["name"],
+            "backbone": cfg["backbone"]["name"], "dataset": cfg.get("dataset", {}).get("name")}
+
+
+def run_job(cfg_in: Any, log: Callable[[str], None] = print, cache: Optional[FeatureCache] = None) -> Dict[str, Any]:
+    """Run one configured job, store its row, and return it (or the stored row if it already exists)."""
+    import tasks
+
+    cfg = to_container(cfg_in)
+    store = results.ResultStore(cfg["paths"]["results"])
+    key = results.config_hash(cfg)
+    ident = job_identity(cfg)
+    label = " ".join(f"{k}={v}" for k, v in ident.items() if v)
+    if store.exists(key) and not cfg.get("force", False):
+        log(f"[skip] {label}: finished result {store.path(key)} (force=true to redo)")
+        return store.read(key)
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    torch.manual_seed(int(cfg["seed"]))
+    device = resolve_device(cfg.get("device", "auto"))
+    task_fn = tasks.get(cfg["task"]["name"])
+    log(f"[run] {label}")
+    started, t0 = results.now(), time.perf_counter()
+    backbone = get_backbone(cfg["backbone"], device)
+    upsampler = build_upsampler(cfg["upsampler"], backbone, device)
+    train_set, val_set = build_datasets(cfg["dataset"])
+    if cache is None:
+        cache = PROCESS_CACHE if cfg["task"].get("cache", {}).get("features", True) else FeatureCache(enabled=False)
+    out = task_fn({**cfg["task"], "seed": cfg["seed"]}, backbone, upsampler, train_set, val_set, device, cache, log)
+    row = {
+        "config_hash": key, **ident, "seed": cfg["seed"], "status": "ok",
+        "params": {"upsampler": int(upsampler.num_params)},
+        **out,
+        "config": cfg, "versions": results.versions(), "device": results.device_info(device),
+        "started": started, "finished": results.now(), "wall_s": time.perf_counter() - t0,
+    }
+    path = store.write(row)
+    log(f"[done] {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in out["metrics"].items()
+                                          if isinstance(v, float)) + f" -> {path}")
+    return row
