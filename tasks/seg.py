@@ -50,7 +50,7 @@ def run_seg(cfg: Dict[str, Any], backbone, upsampler, train_set, val_set, device
             optim.step()
             if per_iter:
                 sched.step()
-            total += float(loss)
+            total += loss.item()
         if not per_iter:
             sched.step()
         epoch_s.append(time.perf_counter() - t0)

@@ -35,18 +35,23 @@ def test_seg_probe_end_to_end_row_skip_and_force(tmp_path):
 
 
 def test_feature_cache_is_used_once_per_image_and_flip(tmp_path):
+    # 3 epochs x 4 train images + 2 val images = 14 look-ups, with upsampled features not kept
+    cfg = ["upsampler=nearest", "task.cache.upsampled_gb=0", "task.probe.epochs=3"]
     cache = FeatureCache()
-    run_job(tiny_cfg(tmp_path, "upsampler=nearest", "task.cache.upsampled_gb=0"), log=lambda s: None, cache=cache)
-    # 4 train images x 2 flips at most + 2 val images; every later use is a hit
-    assert cache.misses <= 4 * 2 + 2 and cache.hits > cache.misses
+    run_job(tiny_cfg(tmp_path, *cfg), log=lambda s: None, cache=cache)
+    assert cache.hits + cache.misses == 14 and cache.misses <= 4 * 2 + 2
+    off = FeatureCache(enabled=False)
+    run_job(tiny_cfg(tmp_path, *cfg, "force=true"), log=lambda s: None, cache=off)
+    assert off.misses == 14 and off.hits == 0
 
 
 def test_probe_learns_the_demo_task(tmp_path):
-    row = run_job(compose(["dataset=demo", "backbone=demo", "upsampler=bilinear", "dataset.img_size=96",
+    row = run_job(compose(["dataset=demo", "backbone=demo", "upsampler=bilinear", "dataset.img_size=160",
                            "dataset.num_images=12", "dataset.limit_val=4", "task.probe.epochs=6",
-                           "task.probe.lr=5e-3", f"paths.results={tmp_path}"]), log=lambda s: None)
+                           "task.probe.lr=1e-2", f"paths.results={tmp_path}"]), log=lambda s: None)
     chance = 100 / 6
     assert row["metrics"]["acc"] > 2 * chance
+    assert row["metrics"]["final_train_loss"] < 0.8 * np.log(6)
 
 
 def _lrs(mode, epochs=4, iters=3):

@@ -96,11 +96,18 @@ def cmd_list(_: List[str]) -> None:
         print(f"{group}s: {', '.join(registered(group))}")
 
 
+def demo_spec() -> Dict[str, object]:
+    from omegaconf import OmegaConf
+
+    import configs
+
+    return OmegaConf.to_container(OmegaConf.load(Path(configs.__file__).parent / "demo.yaml"))  # type: ignore
+
+
 def cmd_demo(argv: List[str]) -> None:
     """Seg probe on the embedded demo set with the demo backbone, once per registered upsampler."""
     import time
 
-    import upsamplers
     from omegaconf import OmegaConf
 
     from . import report
@@ -108,34 +115,21 @@ def cmd_demo(argv: List[str]) -> None:
     from .runner import run_job
 
     validate_overrides(argv)
+    spec = demo_spec()
     chosen = [a.split("=", 1)[1].split(",") for a in argv if a.startswith("upsampler=")]
-    names = chosen[0] if chosen else [n for n in upsamplers.available() if n in config_options("upsampler")]
+    names = chosen[0] if chosen else [n for n in registered("upsampler") if n in config_options("upsampler")]
     rest = [a for a in argv if not a.startswith("upsampler=")]
     t0 = time.perf_counter()
-    rows = []
+    keys, results_dir = [], None
     for name in names:
-        cfg = compose(["dataset=demo", "backbone=demo", f"upsampler={name}"] + _demo_overrides(name) + rest)
-        try:
-            rows.append(run_job(cfg))
-        except UpbenchError as exc:
-            _fail(str(exc))
-    results_dir = OmegaConf.to_container(cfg, resolve=True)["paths"]["results"]
-    keys = {r["config_hash"] for r in rows}
-    shown = [r for r in ResultStore(results_dir).rows() if r["config_hash"] in keys]
+        extra = list((spec.get("upsampler_overrides") or {}).get(name, []))
+        cfg = compose([f"upsampler={name}"] + list(spec["overrides"]) + extra + rest)
+        results_dir = OmegaConf.to_container(cfg, resolve=True)["paths"]["results"]
+        keys.append(run_job(cfg)["config_hash"])
+    shown = [r for r in ResultStore(results_dir).rows() if r["config_hash"] in set(keys)] if results_dir else []
     print()
     print(report.render(shown, "markdown"))
-    print(f"demo wall time: {time.perf_counter() - t0:.1f} s (results in {Path(results_dir).resolve()})")
-
-
-def _demo_overrides(name: str) -> List[str]:
-    """Per-upsampler demo settings (e.g. the packaged demo checkpoint) from ``configs/demo.yaml``."""
-    from omegaconf import OmegaConf
-
-    import configs
-
-    path = Path(configs.__file__).parent / "demo.yaml"
-    spec = OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else {}
-    return list((spec.get("upsampler_overrides") or {}).get(name, []))
+    print(f"demo wall time: {time.perf_counter() - t0:.1f} s (results in {Path(results_dir or '.').resolve()})")
 
 
 def cmd_report(argv: List[str]) -> None:

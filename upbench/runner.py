@@ -45,8 +45,12 @@ def get_backbone(cfg: Dict[str, Any], device: torch.device) -> Backbone:
 def build_upsampler(cfg: Dict[str, Any], backbone: Backbone, device: torch.device):
     import upsamplers
 
+    kwargs = dict(cfg.get("kwargs") or {})
+    for key in ("in_channels", "patch_size"):
+        if key in kwargs:
+            raise UpbenchError(f"upsampler.kwargs.{key} is taken from the backbone; remove it from the upsampler config")
     model = upsamplers.create(cfg["name"], weights=cfg.get("weights"), in_channels=backbone.channels,
-                              patch_size=backbone.patch_size, **(cfg.get("kwargs") or {}))
+                              patch_size=backbone.patch_size, **kwargs)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -93,6 +97,7 @@ def run_job(cfg_in: Any, log: Callable[[str], None] = print, cache: Optional[Fea
     train_set, val_set = build_datasets(cfg["dataset"])
     if cache is None:
         cache = PROCESS_CACHE if cfg["task"].get("cache", {}).get("features", True) else FeatureCache(enabled=False)
+    torch.manual_seed(int(cfg["seed"]))  # again: building (or reusing) models must not shift the task's randomness
     out = task_fn({**cfg["task"], "seed": cfg["seed"]}, backbone, upsampler, train_set, val_set, device, cache, log)
     row = {
         "config_hash": key, **ident, "seed": cfg["seed"], "status": "ok",

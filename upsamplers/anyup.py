@@ -1,0 +1,192 @@
+"""AnyUp (Wimmer et al., arXiv 2510.12764): a channel-agnostic JAFAR successor.  A learned feature-unification
+layer turns any number of feature channels into a fixed-size key code, and each output pixel attends only to the
+low-resolution keys inside a +-``window_ratio`` window around it.  Module names equal the official
+``wimmerth/anyup`` state-dict keys (standard, non-NATTEN path)."""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from upbench.checkpoints import WeightSource
+from upbench.errors import UpbenchError
+
+from . import register
+from .base import Upsampler, as_size
+from .layers import HeadAveragedAttention, ResBlock, RoPE, attend, conv, default_chunk
+
+_RELEASE = "https://github.com/wimmerth/anyup/releases/download/"
+
+
+def make_encoder(first: nn.Module, dim: int) -> nn.Sequential:
+    """``first`` followed by two 1x1 ResBlocks in the packed ``block`` layout."""
+    return nn.Sequential(first, ResBlock(dim, 1, layout="sequential"), ResBlock(dim, 1, layout="sequential"))
+
+
+class LearnedFeatureUnification(nn.Module):
+    """Channel-agnostic feature code.
+
+    Every input channel is convolved (zero padding k//2) with each of the ``out_channels`` learned k x k filters in
+    ``basis``; the responses are divided by the number of in-image pixels under the window, reinterpreted by a
+    plain row-major reshape as (B, out_channels, C, h, w), soft-maxed over the filter axis and averaged over C.
+    """
+
+    def __init__(self, out_channels: int, kernel_size: int = 5):
+        super().__init__()
+        self.out_channels, self.kernel_size = out_channels, kernel_size
+        self.basis = nn.Parameter(torch.randn(out_channels, 1, kernel_size, kernel_size))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = features.shape
+        pad = self.kernel_size // 2
+        weight = self.basis.to(features.dtype).repeat(c, 1, 1, 1)
+        resp = F.conv2d(features, weight, padding=pad, groups=c)  # channel index = c * out + k
+        ones = features.new_ones(1, 1, h, w)
+        count = F.conv2d(ones, features.new_ones(1, 1, self.kernel_size, self.kernel_size), padding=pad)
+        resp = resp / count
+        resp = resp.reshape(b, self.out_channels, c, h, w)
+        return resp.softmax(dim=1).mean(dim=2)
+
+
+@lru_cache(maxsize=32)
+def _window_bounds(n_out: int, n_in: int, ratio: float, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    pos = (torch.arange(n_out, dtype=torch.float32, device=device) + 0.5) / n_out
+    lo = torch.clamp(pos - ratio, 0, 1)
+    hi = torch.clamp(pos + ratio, 0, 1)
+    return torch.floor(lo * n_in).long(), torch.ceil(hi * n_in).long()
+
+
+def window_1d(n_out: int, n_in: int, ratio: float, device=None) -> torch.Tensor:
+    """(n_out, n_in) bool, True where low-res index r is ALLOWED for output index i:
+    floor(clamp(pos - ratio) * n_in) <= r < ceil(clamp(pos + ratio) * n_in), pos = (i + 0.5) / n_out (float32)."""
+    start, stop = _window_bounds(int(n_out), int(n_in), float(ratio), str(torch.device(device or "cpu")))
+    idx = torch.arange(n_in, device=start.device)
+    return (idx[None] >= start[:, None]) & (idx[None] < stop[:, None])
+
+
+def window_mask(out_size: Tuple[int, int], in_size: Tuple[int, int], ratio: float, device=None,
+                rows: Optional[slice] = None) -> torch.Tensor:
+    """Attention mask (n, h*w) for the flattened query grid ``out_size`` (rows ``rows`` of it, all by default)
+    against the flattened key grid ``in_size``: True = NOT allowed (``nn.MultiheadAttention`` bool semantics)."""
+    (ho, wo), (h, w) = out_size, in_size
+    row_ok = window_1d(ho, h, ratio, device)
+    col_ok = window_1d(wo, w, ratio, device)
+    q = torch.arange(ho * wo, device=row_ok.device)
+    if rows is not None:
+        q = q[rows]
+    allowed = row_ok[q // wo][:, :, None] & col_ok[q % wo][:, None, :]
+    return ~allowed.reshape(q.numel(), h * w)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, qk_dim: int, num_heads: int):
+        super().__init__()
+        self.norm_q = nn.RMSNorm(qk_dim)
+        self.norm_k = nn.RMSNorm(qk_dim)
+        self.attention = HeadAveragedAttention(qk_dim, num_heads)
+
+
+class CrossAttentionBlock(nn.Module):
+    """Zero-padded 3x3 conv on the query map, then windowed cross-attention (keys double as MHA values); the
+    head-averaged weights are applied to the raw features."""
+
+    def __init__(self, qk_dim: int, num_heads: int, window_ratio: float = 0.1):
+        super().__init__()
+        self.cross_attn = CrossAttention(qk_dim, num_heads)
+        self.conv2d = nn.Conv2d(qk_dim, qk_dim, 3, padding=1, bias=False)
+        self.window_ratio = window_ratio
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                q_chunk_size: Optional[int] = None) -> torch.Tensor:
+        b, _, hq, wq = query.shape
+        c, h, w = value.shape[1:]
+        attn = self.cross_attn
+        q = attn.norm_q(self.conv2d(query).flatten(2).transpose(1, 2))
+        q = attn.attention.project_queries(q)
+        k = attn.attention.project_keys(attn.norm_k(key.flatten(2).transpose(1, 2)))
+        v = value.flatten(2).transpose(1, 2)
+        if q_chunk_size is None:
+            q_chunk_size = default_chunk(hq * wq, b, attn.attention.num_heads, h * w)
+
+        def weights(qc: torch.Tensor, s: slice) -> torch.Tensor:
+            mask = window_mask((hq, wq), (h, w), self.window_ratio, q.device, rows=s)
+            return attn.attention.weights(qc, k, mask)
+
+        out = attend(q, v, weights, q_chunk_size)
+        return out.transpose(1, 2).reshape(b, c, hq, wq)
+
+
+@register("anyup")
+class AnyUp(Upsampler):
+    """AnyUp upsampler; works with any feature channel count at inference.
+
+    ``AnyUp(in_channels=None, patch_size=None, input_dim=3, qk_dim=128, kernel_size=1, kernel_size_lfu=5,
+    window_ratio=0.1, num_heads=4, lfu_dim=None, q_chunk_size=None)``. ``in_channels`` / ``patch_size`` are
+    accepted for the harness and ignored. ``q_chunk_size`` (also a per-call argument) chunks the queries to bound
+    memory; None = automatic (about 128 MB of float32 logits per chunk). The output does not depend on it.
+    """
+
+    official_methods = ("AnyUp",)
+    pretrained_sources: Dict[str, WeightSource] = {
+        "anyup_paper": WeightSource(url=_RELEASE + "checkpoint/anyup_paper.pth", licence="CC-BY-4.0",
+                                    notes="paper model, trained on DINOv2 ViT-S/14 features; plain state dict"),
+        "anyup_multi_backbone": WeightSource(
+            url=_RELEASE + "checkpoint_v2/anyup_multi_backbone.pth", licence="CC-BY-4.0",
+            notes="trained on DINOv2-S, DINOv2-S-reg, CLIP-B, SigLIP-B and ViT-B features; plain state dict"),
+    }
+
+    def __init__(self, in_channels: Optional[int] = None, patch_size: Optional[int] = None, input_dim: int = 3,
+                 qk_dim: int = 128, kernel_size: int = 1, kernel_size_lfu: int = 5, window_ratio: float = 0.1,
+                 num_heads: int = 4, lfu_dim: Optional[int] = None, q_chunk_size: Optional[int] = None,
+                 init_gaussian_derivatives: bool = False, use_natten: bool = False, **_: Any):
+        super().__init__()
+        if use_natten:
+            raise UpbenchError("anyup: the NATTEN variant (use_natten=True) is not implemented; "
+                               "it does not reproduce the paper model")
+        if init_gaussian_derivatives:
+            raise UpbenchError("anyup: init_gaussian_derivatives=True is not implemented (training-time init only)")
+        lfu_dim = lfu_dim or qk_dim
+        self.qk_dim, self.window_ratio, self.q_chunk_size = qk_dim, window_ratio, q_chunk_size
+        self.image_encoder = make_encoder(conv(input_dim, qk_dim, kernel_size), qk_dim)
+        self.key_encoder = make_encoder(conv(qk_dim, qk_dim, 1), qk_dim)
+        self.query_encoder = make_encoder(conv(qk_dim, qk_dim, 1), qk_dim)
+        self.key_features_encoder = make_encoder(LearnedFeatureUnification(lfu_dim, kernel_size_lfu), lfu_dim)
+        self.aggregation = make_encoder(conv(qk_dim + lfu_dim, qk_dim, 3), qk_dim)
+        self.cross_decode = CrossAttentionBlock(qk_dim, num_heads, window_ratio)
+        self.rope = RoPE(qk_dim)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Any = None,
+                q_chunk_size: Optional[int] = None) -> torch.Tensor:
+        out_dtype = features.dtype
+        ref = self.rope.freqs
+        image, features = image.to(ref.device, ref.dtype), features.to(ref.device, ref.dtype)
+        size = as_size(output_size) if output_size is not None else tuple(image.shape[-2:])
+        h, w = features.shape[-2:]
+
+        enc = self.rope.forward_map(self.image_encoder(image))
+        queries = F.adaptive_avg_pool2d(self.query_encoder(enc), size)
+        keys = F.adaptive_avg_pool2d(self.key_encoder(enc), (h, w))
+        keys = self.aggregation(torch.cat([keys, self.key_features_encoder(F.normalize(features, dim=1))], dim=1))
+        chunk = q_chunk_size if q_chunk_size is not None else self.q_chunk_size
+        return self.cross_decode(queries, keys, features, chunk).to(out_dtype)
+
+    # ----------------------------------------------------------------- official interface
+    @classmethod
+    def from_official(cls, method: str, constructor: Mapping[str, Any]) -> "AnyUp":
+        kw = dict(constructor)
+        allowed = {"input_dim", "qk_dim", "kernel_size", "kernel_size_lfu", "window_ratio", "num_heads",
+                   "init_gaussian_derivatives", "use_natten", "lfu_dim"}
+        unknown = set(kw) - allowed
+        if unknown:
+            raise UpbenchError(f"anyup: unsupported official constructor arguments {sorted(unknown)}")
+        return cls(**kw)
+
+    def run_official(self, method: str, inputs: Mapping[str, Any], constructor: Mapping[str, Any]
+                     ) -> Dict[str, torch.Tensor]:
+        size = inputs.get("output_size")
+        size = tuple(size) if size is not None else None
+        chunk = inputs.get("q_chunk_size")
+        return {"output": self(inputs["image"], inputs["features"], size, q_chunk_size=chunk)}

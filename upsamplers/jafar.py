@@ -1,0 +1,153 @@
+"""JAFAR (Couairon et al., arXiv 2506.11136): global cross-attention from image-derived queries at the output
+resolution to low-resolution keys modulated by the backbone features; the output is the head-averaged attention
+applied to the raw features.  Module names equal the official ``PaulCouairon/JAFAR`` state-dict keys."""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from upbench.checkpoints import WeightSource
+from upbench.errors import UpbenchError
+
+from . import register
+from .base import Upsampler, as_size
+from .layers import HeadAveragedAttention, ResBlock, RoPE, attend, conv, default_chunk
+
+_RELEASE = "https://github.com/PaulCouairon/JAFAR/releases/download/Weights/{}.pth"
+#: timm backbone names with a released JAFAR checkpoint (README of PaulCouairon/JAFAR)
+JAFAR_BACKBONES = (
+    "vit_small_patch14_dinov2.lvd142m",
+    "vit_base_patch14_dinov2.lvd142m",
+    "vit_small_patch14_reg4_dinov2",
+    "vit_base_patch16_224",
+    "vit_base_patch16_224.dino",
+    "vit_base_patch16_clip_384",
+    "vit_base_patch16_siglip_512.v2_webli",
+)
+
+
+def make_encoder(in_ch: int, dim: int, kernel_size: int = 1) -> nn.Sequential:
+    """Conv(in -> dim, kernel k, reflect, no bias) followed by two 1x1 ResBlocks (norm1/conv1/norm2/conv2 keys)."""
+    return nn.Sequential(conv(in_ch, dim, kernel_size), ResBlock(dim, 1, layout="named"), ResBlock(dim, 1, layout="named"))
+
+
+class SFTModulation(nn.Module):
+    """Spatial feature transform: ``gamma(F) * GroupNorm(x) + beta(F)`` (GroupNorm without affine)."""
+
+    def __init__(self, dim: int, num_groups: int = 8):
+        super().__init__()
+        self.norm = nn.GroupNorm(num_groups, dim, affine=False)
+        self.gamma = nn.Conv2d(dim, dim, 1, bias=False)
+        self.beta = nn.Conv2d(dim, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.gamma(cond) * self.norm(x) + self.beta(cond)
+
+
+class CrossAttention(nn.Module):
+    """RMSNorm'd queries/keys; head-averaged weights of an ``nn.MultiheadAttention(qk_dim, heads, vdim=C)``."""
+
+    def __init__(self, qk_dim: int, v_dim: int, num_heads: int):
+        super().__init__()
+        self.norm_q = nn.RMSNorm(qk_dim)
+        self.norm_k = nn.RMSNorm(qk_dim)
+        self.norm_v = nn.RMSNorm(v_dim)  # part of the official module; the output uses the raw values
+        self.attention = HeadAveragedAttention(qk_dim, num_heads, vdim=v_dim)
+
+
+class CrossAttentionBlock(nn.Module):
+    """Zero-padded 3x3 conv on the query map, then cross-attention to the key tokens over the raw values."""
+
+    def __init__(self, qk_dim: int, v_dim: int, num_heads: int):
+        super().__init__()
+        self.cross_attn = CrossAttention(qk_dim, v_dim, num_heads)
+        self.conv2d = nn.Conv2d(qk_dim, qk_dim, 3, padding=1, bias=False)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                q_chunk_size: Optional[int] = None) -> torch.Tensor:
+        """query (B, D, H, W), key (B, D, h, w), value (B, C, h, w) -> (B, C, H, W)."""
+        b, _, hq, wq = query.shape
+        c = value.shape[1]
+        attn = self.cross_attn
+        q = attn.norm_q(self.conv2d(query).flatten(2).transpose(1, 2))
+        q = attn.attention.project_queries(q)
+        k = attn.attention.project_keys(attn.norm_k(key.flatten(2).transpose(1, 2)))
+        v = value.flatten(2).transpose(1, 2)
+        if q_chunk_size is None:
+            q_chunk_size = default_chunk(hq * wq, b, attn.attention.num_heads, k.shape[2])
+        out = attend(q, v, lambda qc, _s: attn.attention.weights(qc, k), q_chunk_size)
+        return out.transpose(1, 2).reshape(b, c, hq, wq)
+
+
+@register("jafar")
+class JAFAR(Upsampler):
+    """JAFAR upsampler.
+
+    ``JAFAR(in_channels=384, patch_size=None, input_dim=3, qk_dim=128, kernel_size=1, num_heads=4,
+    q_chunk_size=None)``; ``in_channels`` is the official ``v_dim`` (= ``feature_dim``). ``q_chunk_size`` only
+    bounds memory (None = automatic, so that one chunk's attention logits stay around 128 MB in float32); the
+    output does not depend on it.
+    """
+
+    official_methods = ("JAFAR",)
+    checkpoint_wrappers = ("jafar",)
+    pretrained_sources: Dict[str, WeightSource] = {
+        name: WeightSource(url=_RELEASE.format(name), licence="Apache-2.0",
+                           notes=f"JAFAR trained on timm '{name}' features; checkpoint dict key 'jafar'")
+        for name in JAFAR_BACKBONES
+    }
+
+    def __init__(self, in_channels: int = 384, patch_size: Optional[int] = None, input_dim: int = 3,
+                 qk_dim: int = 128, kernel_size: int = 1, num_heads: int = 4,
+                 q_chunk_size: Optional[int] = None, **_: Any):
+        super().__init__()
+        self.in_channels, self.qk_dim, self.q_chunk_size = in_channels, qk_dim, q_chunk_size
+        self.image_encoder = make_encoder(input_dim, qk_dim, kernel_size)
+        self.key_encoder = make_encoder(qk_dim, qk_dim, 1)
+        self.query_encoder = make_encoder(qk_dim, qk_dim, 1)
+        self.key_features_encoder = make_encoder(in_channels, qk_dim, 1)
+        self.cross_decode = CrossAttentionBlock(qk_dim, in_channels, num_heads)
+        self.norm = nn.GroupNorm(8, qk_dim, affine=False)
+        self.sft_key = SFTModulation(qk_dim)
+        self.rope = RoPE(qk_dim)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Any = None,
+                q_chunk_size: Optional[int] = None) -> torch.Tensor:
+        out_dtype = features.dtype
+        ref = self.rope.freqs
+        image, features = image.to(ref.device, ref.dtype), features.to(ref.device, ref.dtype)
+        if features.shape[1] != self.in_channels:
+            raise UpbenchError(f"jafar: built for {self.in_channels} feature channels, got {features.shape[1]}")
+        size = as_size(output_size) if output_size is not None else tuple(image.shape[-2:])
+        h, w = features.shape[-2:]
+
+        enc = self.rope.forward_map(self.image_encoder(image))
+        queries = self.norm(F.adaptive_avg_pool2d(self.query_encoder(enc), size))
+        keys = F.adaptive_avg_pool2d(self.key_encoder(enc), (h, w))
+        keys = self.sft_key(keys, self.key_features_encoder(F.normalize(features, dim=1)))
+        chunk = q_chunk_size if q_chunk_size is not None else self.q_chunk_size
+        return self.cross_decode(queries, keys, features, chunk).to(out_dtype)
+
+    # ----------------------------------------------------------------- official interface
+    @classmethod
+    def from_official(cls, method: str, constructor: Mapping[str, Any]) -> "JAFAR":
+        kw = dict(constructor)
+        v_dim = int(kw.pop("v_dim", kw.get("feature_dim", 384)))
+        feature_dim = int(kw.pop("feature_dim", v_dim))
+        if feature_dim != v_dim:
+            raise UpbenchError(f"jafar: feature_dim {feature_dim} != v_dim {v_dim} is not supported "
+                               "(the values are the features themselves)")
+        allowed = {"input_dim", "qk_dim", "kernel_size", "num_heads"}
+        unknown = set(kw) - allowed
+        if unknown:
+            raise UpbenchError(f"jafar: unsupported official constructor arguments {sorted(unknown)}")
+        return cls(in_channels=v_dim, **kw)
+
+    def run_official(self, method: str, inputs: Mapping[str, Any], constructor: Mapping[str, Any]
+                     ) -> Dict[str, torch.Tensor]:
+        size = inputs.get("output_size")
+        size = tuple(size) if size is not None else None
+        return {"output": self(inputs["image"], inputs["features"], size)}

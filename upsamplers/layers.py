@@ -1,0 +1,197 @@
+"""Small building blocks shared by the attention-based upsamplers (JAFAR, AnyUp, ...).
+
+Module and parameter names follow the official checkpoints, so these blocks load the release files unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def conv(in_ch: int, out_ch: int, kernel_size: int = 1, padding_mode: str = "reflect", bias: bool = False) -> nn.Conv2d:
+    """Conv2d with "same" padding (``kernel_size // 2``) in the given padding mode, no bias by default.
+    (A 1x1 conv has no padding, so its padding mode is irrelevant; "zeros" skips a no-op pad copy.)"""
+    if kernel_size // 2 == 0:
+        padding_mode = "zeros"
+    return nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, padding_mode=padding_mode, bias=bias)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> Conv -> GroupNorm -> SiLU -> Conv, plus the identity (channels in == out).
+
+    ``layout="named"`` stores the layers as ``norm1/conv1/norm2/conv2`` (JAFAR's keys); ``layout="sequential"``
+    packs them into one ``block`` Sequential (indices 0 = GN, 2 = conv, 3 = GN, 5 = conv; AnyUp's keys).
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 1, num_groups: int = 8, layout: str = "named",
+                 padding_mode: str = "reflect"):
+        super().__init__()
+        if layout not in ("named", "sequential"):
+            raise ValueError(f"unknown ResBlock layout '{layout}'")
+        self.layout = layout
+        layers = [nn.GroupNorm(num_groups, channels), nn.SiLU(), conv(channels, channels, kernel_size, padding_mode),
+                  nn.GroupNorm(num_groups, channels), nn.SiLU(), conv(channels, channels, kernel_size, padding_mode)]
+        if layout == "sequential":
+            self.block = nn.Sequential(*layers)
+        else:
+            self.norm1, self.conv1, self.norm2, self.conv2 = layers[0], layers[2], layers[3], layers[5]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "sequential":
+            return x + self.block(x)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return x + h
+
+
+def create_coordinate(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
+    """(1, h*w, 2) grid of (row, col) coordinates, each ``linspace(0, 1)``, meshgrid "ij", row-major order."""
+    dtype = dtype or torch.get_default_dtype()
+    rows = torch.linspace(0, 1, h, device=device, dtype=dtype)
+    cols = torch.linspace(0, 1, w, device=device, dtype=dtype)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
+    return grid.reshape(1, h * w, 2)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Split the last dim into halves (x1, x2) and return cat(-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RoPE(nn.Module):
+    """2-D rotary position encoding with learnable frequencies ``freqs`` (2, dim).
+
+    Initialisation: f = theta ** linspace(0, -1, dim // 4) * 2*pi; row 0 = [f, f, 0...0] (first half of the
+    channels follows the row coordinate), row 1 = [0...0, f, f] (second half follows the column coordinate).
+    ``angle = coords @ freqs``; ``out = x * cos(angle) + rotate_half(x) * sin(angle)``.
+    """
+
+    def __init__(self, dim: int, theta: float = 100.0):
+        super().__init__()
+        if dim % 4:
+            raise ValueError(f"RoPE dim must be divisible by 4, got {dim}")
+        f = (theta ** torch.linspace(0, -1, dim // 4)) * (2 * math.pi)
+        freqs = torch.zeros(2, dim)
+        freqs[0, : dim // 2] = torch.cat([f, f])
+        freqs[1, dim // 2:] = torch.cat([f, f])
+        self.freqs = nn.Parameter(freqs)
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """x (B, N, dim), coords (1 or B, N, 2)."""
+        work = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+        angle = coords.to(work) @ self.freqs.to(work)
+        out = x.to(work) * angle.cos() + rotate_half(x.to(work)) * angle.sin()
+        return out.to(x.dtype)
+
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply to a (B, dim, H, W) map with ``create_coordinate(H, W)`` on x's device."""
+        b, c, h, w = x.shape
+        work = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+        coords = create_coordinate(h, w, device=x.device, dtype=work)
+        flat = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        return self(flat, coords).reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+class HeadAveragedAttention(nn.Module):
+    """The parameters of ``nn.MultiheadAttention`` (same names, same init) with a forward that returns only the
+    head-averaged attention weights, as ``need_weights=True, average_attn_weights=True`` does.
+
+    Layout: packed ``in_proj_weight`` when kdim == vdim == embed_dim, else ``q_proj_weight`` / ``k_proj_weight`` /
+    ``v_proj_weight``; ``in_proj_bias`` (3*embed_dim) and ``out_proj`` always. The value/output projections are
+    kept for checkpoint compatibility (and parameter counts) but do not enter the returned weights.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, kdim: Optional[int] = None, vdim: Optional[int] = None,
+                 bias: bool = True):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self.packed = self.kdim == embed_dim and self.vdim == embed_dim
+        if self.packed:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim)) if bias else None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.packed:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            for p in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+                nn.init.xavier_uniform_(p)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    def _proj(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        e = self.embed_dim
+        if self.packed:
+            weight = self.in_proj_weight[which * e:(which + 1) * e]
+        else:
+            weight = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)[which]
+        bias = None if self.in_proj_bias is None else self.in_proj_bias[which * e:(which + 1) * e]
+        return F.linear(x, weight, bias)
+
+    def project_keys(self, key: torch.Tensor) -> torch.Tensor:
+        """(B, Nk, kdim) -> per-head keys (B, heads, Nk, head_dim)."""
+        b, n, _ = key.shape
+        return self._proj(key, 1).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_queries(self, query: torch.Tensor) -> torch.Tensor:
+        """(B, Nq, E) -> per-head queries scaled by 1/sqrt(head_dim): (B, heads, Nq, head_dim)."""
+        b, n, _ = query.shape
+        q = self._proj(query, 0).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        return q * math.sqrt(1.0 / float(self.head_dim))
+
+    def weights(self, queries: torch.Tensor, keys: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """Per-head queries / keys from :meth:`project_queries` / :meth:`project_keys`; attn_mask (Nq, Nk) or
+        (B, Nq, Nk), bool, True = not allowed. Returns softmax(q k^T) averaged over heads: (B, Nq, Nk)."""
+        logits = queries @ keys.transpose(-2, -1)
+        if attn_mask is not None:
+            if attn_mask.dim() == 3:
+                attn_mask = attn_mask[:, None]
+            logits = logits.masked_fill(attn_mask, float("-inf"))
+        return logits.softmax(dim=-1).mean(dim=1)
+
+
+def default_chunk(num_queries: int, batch: int, num_heads: int, num_keys: int,
+                  budget_elements: int = 1 << 25) -> int:
+    """Query-chunk size keeping the per-head attention logits of one chunk under ``budget_elements``."""
+    per_query = max(1, batch * num_heads * num_keys)
+    return max(1, min(num_queries, budget_elements // per_query))
+
+
+def chunked(num_queries: int, chunk: Optional[int]) -> Tuple[Tuple[int, int], ...]:
+    """(start, stop) ranges covering ``range(num_queries)`` in chunks of ``chunk`` (all at once if None)."""
+    if not chunk or chunk >= num_queries:
+        return ((0, num_queries),)
+    return tuple((s, min(s + chunk, num_queries)) for s in range(0, num_queries, chunk))
+
+
+def attend(queries: torch.Tensor, values: torch.Tensor,
+           weights_fn: Callable[[torch.Tensor, slice], torch.Tensor], chunk: Optional[int]) -> torch.Tensor:
+    """out[:, s] = weights_fn(queries[..., s, :], s) @ values, chunk by chunk over the queries.
+
+    queries (B, heads, Nq, d); values (B, Nk, C); weights_fn returns (B, n, Nk). Returns (B, Nq, C)."""
+    b, nq = queries.shape[0], queries.shape[-2]
+    out = values.new_empty(b, nq, values.shape[-1])
+    for start, stop in chunked(nq, chunk):
+        s = slice(start, stop)
+        out[:, s] = weights_fn(queries[..., s, :], s) @ values
+    return out
