@@ -98,6 +98,43 @@ def seg_tables(rows: Sequence[Dict[str, Any]], paper: bool = False) -> List[Tabl
     return tables
 
 
+def recon_tables(rows: Sequence[Dict[str, Any]]) -> List[Table]:
+    """Feature reconstruction (task=recon): per backbone, rows = upsamplers, MSE / cosine per dataset."""
+    groups: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("task") == "recon" and r.get("status") == "ok":
+            groups[r["backbone"]].append(r)
+    tables = []
+    for backbone, grp in sorted(groups.items()):
+        datasets = _order((r["dataset"] for r in grp), DATASET_ORDER)
+        cols = [("", "Params (M)"), ("", "Time (ms)")]
+        for d in datasets:
+            cols += [(DATASET_LABELS.get(d, d), "MSE"), (DATASET_LABELS.get(d, d), "Cosine")]
+        cols.append(("", "Weights"))
+        better = {("", "Time (ms)"): "min"}
+        better.update({c: ("min" if c[1] == "MSE" else "max") for c in cols if c[1] in ("MSE", "Cosine")})
+        table = Table(f"Feature reconstruction (2x, vs backbone features of the 2x image) - backbone {backbone}",
+                      cols, better=better)
+        by_up: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
+        for r in grp:
+            by_up[r["upsampler"]].append(r)
+        for up in _order(by_up, UPSAMPLER_ORDER):
+            rs = by_up[up]
+            cells: Dict[Tuple[str, str], Any] = {
+                ("", "Params (M)"): (rs[0]["params"]["upsampler"] / 1e6) if rs[0]["params"]["upsampler"] else None,
+                ("", "Time (ms)"): _mean([r["timing"].get("upsampler_ms") for r in rs]),
+                ("", "Weights"): _weights_label(rs[0]),
+            }
+            for d in datasets:
+                dr = [r for r in rs if r["dataset"] == d]
+                lab = DATASET_LABELS.get(d, d)
+                cells[(lab, "MSE")] = _mean([r["metrics"]["mse"] for r in dr])
+                cells[(lab, "Cosine")] = _mean([r["metrics"]["cosine"] for r in dr])
+            table.rows.append((up, cells))
+        tables.append(table)
+    return tables
+
+
 def _ranks(table: Table) -> Dict[Tuple[int, Tuple[str, str]], int]:
     """(row index, column) -> 1 for best, 2 for second best, among the measured rows."""
     out = {}
@@ -118,7 +155,9 @@ def _fmt(value: Any, col: Tuple[str, str]) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.1f}" if col[1] == "Time (ms)" else f"{value:.2f}"
+        if col[1] == "Time (ms)":
+            return f"{value:.1f}"
+        return f"{value:.4f}" if col[1] == "Cosine" else f"{value:.2f}"
     return str(value)
 
 
@@ -192,7 +231,7 @@ def to_csv(tables: Sequence[Table]) -> str:
 
 
 def render(rows: Sequence[Dict[str, Any]], fmt: str = "markdown", paper: bool = False) -> str:
-    tables = seg_tables(rows, paper=paper)
+    tables = seg_tables(rows, paper=paper) + recon_tables(rows)
     if not tables:
         return "no finished results\n"
     return {"markdown": to_markdown, "latex": to_latex, "csv": to_csv}[fmt](tables)

@@ -14,7 +14,7 @@ class ADE20K(SegDataset):
     name = "ade20k"
     num_classes = 151
 
-    def __init__(self, root: str, split: str = "val", img_size: int = 448, limit=None, **_):
+    def __init__(self, root: str, split: str = "val", img_size: int = 448, **_):
         base = Path(root).expanduser()
         if (base / "ADEChallengeData2016").is_dir():
             base = base / "ADEChallengeData2016"
@@ -26,4 +26,4 @@ class ADE20K(SegDataset):
         if not pairs:
             raise missing_data("ade20k", root, "ADEChallengeData2016/{images,annotations}/{training,validation}/",
                                "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip")
-        super().__init__(pairs, img_size, limit=limit)
+        super().__init__(pairs, img_size)

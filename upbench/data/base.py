@@ -48,8 +48,8 @@ class SegDataset(torch.utils.data.Dataset):
     ignore_index: int = IGNORE
 
     def __init__(self, pairs: Sequence[Tuple[str, str]], img_size: int = 448,
-                 label_map: Optional[np.ndarray] = None, limit: Optional[int] = None):
-        self.pairs = list(pairs)[: limit or None]
+                 label_map: Optional[np.ndarray] = None):
+        self.pairs = list(pairs)
         self.img_size = img_size
         self.label_map = label_map
 

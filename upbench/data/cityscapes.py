@@ -21,7 +21,7 @@ class Cityscapes(SegDataset):
     name = "cityscapes"
     num_classes = 19
 
-    def __init__(self, root: str, split: str = "val", img_size: int = 448, limit=None, **_):
+    def __init__(self, root: str, split: str = "val", img_size: int = 448, **_):
         base = Path(root).expanduser()
         pairs = []
         for img in sorted((base / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")):
@@ -34,7 +34,7 @@ class Cityscapes(SegDataset):
         if not pairs:
             raise missing_data("cityscapes", root, "leftImg8bit/<split>/<city>/*_leftImg8bit.png + "
                                "gtFine/<split>/<city>/*_gtFine_labelIds.png", "https://www.cityscapes-dataset.com")
-        super().__init__(pairs, img_size, limit=limit)
+        super().__init__(pairs, img_size)
 
     def read_label(self, path: str) -> np.ndarray:
         arr = super().read_label(path)

@@ -43,7 +43,7 @@ class CocoStuff27(SegDataset):
     name = "cocostuff"
     num_classes = 27
 
-    def __init__(self, root: str, split: str = "val", img_size: int = 448, limit=None,
+    def __init__(self, root: str, split: str = "val", img_size: int = 448,
                  image_list: Optional[str] = None, **_):
         base = Path(root).expanduser()
         if (base / "coco_stuff164k").is_dir():
@@ -67,7 +67,7 @@ class CocoStuff27(SegDataset):
         if not pairs:
             raise missing_data("cocostuff", root, LAYOUT,
                                "https://github.com/nightrome/cocostuff (images + stuffthingmaps_trainval2017.zip)")
-        super().__init__(pairs, img_size, limit=limit)
+        super().__init__(pairs, img_size)
 
     def read_label(self, path: str) -> np.ndarray:
         arr = super().read_label(path)

@@ -89,11 +89,10 @@ class DemoSegmentation(SegDataset):
     name = "demo"
     num_classes = len(CLASSES)
 
-    def __init__(self, split: str = "train", img_size: int = 224, num_images: int = 32, seed: int = 0,
-                 limit=None, **_):
+    def __init__(self, split: str = "train", img_size: int = 224, num_images: int = 32, seed: int = 0, **_):
         super().__init__([], img_size)
         self.split, self.seed = split, seed
-        self.num_images = min(num_images, limit or num_images)
+        self.num_images = int(num_images)
         self._items: Dict[int, Dict[str, object]] = {}
 
     def __len__(self) -> int:

@@ -15,7 +15,7 @@ class VOC(SegDataset):
     name = "voc"
     num_classes = 21
 
-    def __init__(self, root: str, split: str = "val", img_size: int = 448, limit=None, **_):
+    def __init__(self, root: str, split: str = "val", img_size: int = 448, **_):
         base = Path(root).expanduser()
         for cand in (base, base / "VOC2012", base / "VOCdevkit" / "VOC2012"):
             if (cand / "JPEGImages").is_dir():
@@ -30,4 +30,4 @@ class VOC(SegDataset):
         if not pairs:
             raise missing_data("voc", root, LAYOUT, "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ "
                                "(torchvision.datasets.VOCSegmentation(download=True) also works)")
-        super().__init__(pairs, img_size, limit=limit)
+        super().__init__(pairs, img_size)
