@@ -97,3 +97,26 @@ def test_metrics_match_a_confusion_matrix():
     acc = MulticlassAccuracy(num_classes=4, average="micro", ignore_index=255)(pred, target)
     assert float(miou) == pytest.approx(iou.mean(), abs=1e-6)
     assert float(acc) == pytest.approx(np.diag(cm).sum() / cm.sum(), abs=1e-6)
+
+
+def test_split_slices_partition_one_folder(tmp_path):
+    from upbench.runner import build_datasets
+
+    train, val = build_datasets({"name": "demo", "train_split": "val[:5]", "val_split": "val[5:]",
+                                 "img_size": 32, "num_images": 8})
+    assert (len(train), len(val)) == (5, 3)
+    assert val[0]["id"] == "demo_val_0005" and train.num_classes == 6 and val.img_size == 32
+    with pytest.raises(UpbenchError, match="bad split"):
+        build_datasets({"name": "demo", "train_split": "val[a:b]", "img_size": 32})
+
+
+def test_recon_task_rows(tmp_path):
+    # nearest vs bilinear on the demo backbone: both produce finite errors; the task compares with 2x features
+    rows = {}
+    for up in ("bilinear", "nearest"):
+        rows[up] = run_job(compose(["task=recon", "dataset=demo", "backbone=demo", f"upsampler={up}",
+                                    "dataset.img_size=128", "dataset.num_images=3", f"paths.results={tmp_path}"]),
+                           log=lambda s: None)
+    for row in rows.values():
+        assert row["task"] == "recon" and row["metrics"]["mse"] > 0 and -1 <= row["metrics"]["cosine"] <= 1
+    assert rows["bilinear"]["metrics"]["mse"] != rows["nearest"]["metrics"]["mse"]

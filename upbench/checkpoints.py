@@ -20,10 +20,13 @@ class WeightSource:
     hf_repo: Optional[str] = None
     hf_file: Optional[str] = None
     url: Optional[str] = None
+    package_file: Optional[str] = None   # shipped inside upbench/assets (no download)
     licence: str = ""
     notes: str = ""
 
     def describe(self) -> str:
+        if self.package_file:
+            return f"upbench/assets/{self.package_file}"
         if self.hf_repo:
             return f"hf://{self.hf_repo}/{self.hf_file}"
         return self.url or "?"
@@ -31,6 +34,11 @@ class WeightSource:
 
 def download(source: WeightSource, what: str) -> str:
     """Fetch an official file into the usual caches (HF hub cache / torch hub cache); clear error offline."""
+    if source.package_file:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", source.package_file)
+        if not os.path.exists(path):
+            raise UpbenchError(f"{what}: packaged file {path} is missing; reinstall upbench")
+        return path
     try:
         if source.hf_repo:
             from huggingface_hub import hf_hub_download

@@ -1,6 +1,7 @@
 """``upbench <verb> [hydra overrides]`` -- a thin layer: parse the verb, compose the config, call one function.
 
   upbench run task=seg upsampler=uplift dataset=voc backbone=dinov2_s14 [-m for multirun]
+  upbench train upsampler=uplift backbone=demo data.root=builtin:skimage   # multi-depth self-supervised training
   upbench demo                      # seg on the embedded demo set for every registered upsampler
   upbench list                      # upsamplers, tasks, backbones, datasets
   upbench report [--latex|--csv] [--paper] [--results DIR]
@@ -11,7 +12,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import upbench  # noqa: F401  (torchvision fallback first)
 from .errors import UpbenchError
@@ -59,16 +60,14 @@ def validate_overrides(overrides: Sequence[str]) -> None:
                 _fail(f"unknown {key} '{name}'; available {key}s: {', '.join(sorted(valid))}")
 
 
-def _hydra_main(overrides: List[str], multirun: bool) -> None:
+def _hydra_main(overrides: List[str], multirun: bool, config_name: str, job: Callable[[Any], Any]) -> None:
     import hydra
     from omegaconf import DictConfig
 
-    @hydra.main(version_base=None, config_path="pkg://configs", config_name="config")
+    @hydra.main(version_base=None, config_path="pkg://configs", config_name=config_name)
     def _entry(cfg: DictConfig) -> None:
-        from .runner import run_job
-
         try:
-            run_job(cfg)
+            job(cfg)
         except UpbenchError as exc:
             _fail(str(exc))
 
@@ -76,19 +75,38 @@ def _hydra_main(overrides: List[str], multirun: bool) -> None:
     _entry()
 
 
-def compose(overrides: Sequence[str]):
+def _run_job(cfg: Any) -> None:
+    from .runner import run_job
+
+    run_job(cfg)
+
+
+def _train_job(cfg: Any) -> None:
+    from .runner import run_training
+
+    run_training(cfg)
+
+
+def compose(overrides: Sequence[str], config_name: str = "config"):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     with initialize_config_module(config_module="configs", version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
 def cmd_run(argv: List[str]) -> None:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = [a for a in argv if a not in ("-m", "--multirun")]
     validate_overrides(overrides)
-    _hydra_main(overrides, multirun)
+    _hydra_main(overrides, multirun, "config", _run_job)
+
+
+def cmd_train(argv: List[str]) -> None:
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    overrides = [a for a in argv if a not in ("-m", "--multirun")]
+    validate_overrides(overrides)
+    _hydra_main(overrides, multirun, "train", _train_job)
 
 
 def cmd_list(_: List[str]) -> None:
@@ -104,32 +122,74 @@ def demo_spec() -> Dict[str, object]:
     return OmegaConf.to_container(OmegaConf.load(Path(configs.__file__).parent / "demo.yaml"))  # type: ignore
 
 
+def estimate_seg_seconds(cfg: Dict[str, Any]) -> Tuple[float, float, int]:
+    """(estimated upsampler seconds for one seg job, seconds per call, params): one timed call at the job's shapes
+    times the number of distinct upsampler calls the probe makes (train images x flips + val images)."""
+    import time
+
+    import torch
+
+    from .runner import build_upsampler, get_backbone, resolve_device
+
+    device = resolve_device(cfg.get("device", "auto"))
+    backbone = get_backbone(cfg["backbone"], device)
+    model = build_upsampler(cfg["upsampler"], backbone, device)
+    ds = cfg["dataset"]
+    size = int(ds["img_size"])
+    grid = size // backbone.patch_size
+    image = torch.randn(1, 3, size, size, device=device)
+    feats = torch.randn(1, backbone.channels, grid, grid, device=device)
+    with torch.inference_mode():
+        model(image, feats, (size, size))
+        t0 = time.perf_counter()
+        model(image, feats, (size, size))
+        per_call = time.perf_counter() - t0
+    n_train = int(ds.get("num_images", 0) or 0)
+    n_val = int(ds.get("limit_val") or n_train)
+    calls = n_train * (2 if cfg["task"]["probe"]["flip"] else 1) + n_val
+    return per_call * calls, per_call, int(model.num_params)
+
+
 def cmd_demo(argv: List[str]) -> None:
     """Seg probe on the embedded demo set with the demo backbone, once per registered upsampler."""
     import time
 
-    from omegaconf import OmegaConf
-
     from . import report
-    from .results import ResultStore
-    from .runner import run_job
+    from .results import ResultStore, config_hash
+    from .runner import run_job, to_container
 
     validate_overrides(argv)
     spec = demo_spec()
     chosen = [a.split("=", 1)[1].split(",") for a in argv if a.startswith("upsampler=")]
     names = chosen[0] if chosen else [n for n in registered("upsampler") if n in config_options("upsampler")]
     rest = [a for a in argv if not a.startswith("upsampler=")]
+    budget = float(spec.get("time_budget_s") or 0)
+    skip = dict(spec.get("skip") or {})
     t0 = time.perf_counter()
-    keys, results_dir = [], None
+    shown: List[Dict[str, Any]] = []
+    results_dir = "results"
     for name in names:
         extra = list((spec.get("upsampler_overrides") or {}).get(name, []))
-        cfg = compose([f"upsampler={name}"] + list(spec["overrides"]) + extra + rest)
-        results_dir = OmegaConf.to_container(cfg, resolve=True)["paths"]["results"]
-        keys.append(run_job(cfg)["config_hash"])
-    shown = [r for r in ResultStore(results_dir).rows() if r["config_hash"] in set(keys)] if results_dir else []
+        cfg = to_container(compose([f"upsampler={name}"] + list(spec["overrides"]) + extra + rest))
+        results_dir = cfg["paths"]["results"]
+        stub = {"task": "seg", "upsampler": name, "backbone": cfg["backbone"]["name"], "status": "skipped",
+                "dataset": cfg["dataset"]["name"], "config": cfg, "params": {"upsampler": 0}, "timing": {}}
+        if name in skip:
+            print(f"[skip] {name}: {skip[name]}")
+            shown.append({**stub, "note": f"not run: {skip[name]}"})
+            continue
+        if budget and not ResultStore(results_dir).exists(config_hash(cfg)) and not cfg.get("force"):
+            est, per_call, params = estimate_seg_seconds(cfg)
+            if est > budget:
+                note = f"too slow for the demo budget: ~{est:.0f} s of upsampling > {budget:.0f} s"
+                print(f"[skip] {name}: {note} ({per_call * 1e3:.0f} ms per call)")
+                shown.append({**stub, "note": note, "params": {"upsampler": params},
+                              "timing": {"upsampler_ms": per_call * 1e3}})
+                continue
+        shown.append(run_job(cfg))
     print()
     print(report.render(shown, "markdown"))
-    print(f"demo wall time: {time.perf_counter() - t0:.1f} s (results in {Path(results_dir or '.').resolve()})")
+    print(f"demo wall time: {time.perf_counter() - t0:.1f} s (results in {Path(results_dir).resolve()})")
 
 
 def cmd_report(argv: List[str]) -> None:
@@ -148,7 +208,7 @@ def cmd_report(argv: List[str]) -> None:
     sys.stdout.write(report.render(rows, kind, paper=args.paper))
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "list": cmd_list, "report": cmd_report}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "demo": cmd_demo, "list": cmd_list, "report": cmd_report}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -53,7 +53,7 @@ def seg_tables(rows: Sequence[Dict[str, Any]], paper: bool = False) -> List[Tabl
     then mIoU / Acc per dataset.  Repeated runs (seeds) are averaged."""
     groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r.get("task") == "seg" and r.get("status") == "ok":
+        if r.get("task") == "seg" and r.get("status") in ("ok", "skipped"):
             sched = r.get("config", {}).get("task", {}).get("probe", {}).get("lr_schedule", "?")
             groups[(r["backbone"], sched)].append(r)
     ref = paper_tables() if paper else None
@@ -64,6 +64,8 @@ def seg_tables(rows: Sequence[Dict[str, Any]], paper: bool = False) -> List[Tabl
         for d in datasets:
             cols += [(DATASET_LABELS.get(d, d), "mIoU"), (DATASET_LABELS.get(d, d), "Acc")]
         cols.append(("", "Weights"))
+        if any(r.get("note") for r in grp):
+            cols.append(("", "Note"))
         better = {("", "Time (ms)"): "min"}
         better.update({c: "max" for c in cols if c[1] in ("mIoU", "Acc")})
         table = Table(f"Segmentation linear probes - backbone {backbone}, lr_schedule {sched}", cols, better=better)
@@ -74,11 +76,12 @@ def seg_tables(rows: Sequence[Dict[str, Any]], paper: bool = False) -> List[Tabl
             rs = by_up[up]
             cells: Dict[Tuple[str, str], Any] = {
                 ("", "Params (M)"): (rs[0]["params"]["upsampler"] / 1e6) if rs[0]["params"]["upsampler"] else None,
-                ("", "Time (ms)"): _mean([r["timing"].get("upsampler_ms") for r in rs]),
+                ("", "Time (ms)"): _mean([r.get("timing", {}).get("upsampler_ms") for r in rs]),
                 ("", "Weights"): _weights_label(rs[0]),
+                ("", "Note"): "; ".join(sorted({r["note"] for r in rs if r.get("note")})) or None,
             }
             for d in datasets:
-                dr = [r for r in rs if r["dataset"] == d]
+                dr = [r for r in rs if r["dataset"] == d and r.get("status") == "ok"]
                 lab = DATASET_LABELS.get(d, d)
                 cells[(lab, "mIoU")] = _mean([r["metrics"]["miou"] for r in dr])
                 cells[(lab, "Acc")] = _mean([r["metrics"]["acc"] for r in dr])

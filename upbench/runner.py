@@ -54,6 +54,34 @@ def build_upsampler(cfg: Dict[str, Any], backbone: Backbone, device: torch.devic
     return model.to(device).eval().requires_grad_(False)
 
 
+class SliceView(torch.utils.data.Dataset):
+    """``split[a:b]``: a contiguous part of a split (e.g. to probe on part of a small folder and test on the rest)."""
+
+    def __init__(self, base: Any, indices: range):
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[self.indices[i]]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["base"], name)
+
+
+def _split(spec: str) -> Tuple[str, Optional[slice]]:
+    """``"val"`` -> ("val", None); ``"val[10:]"`` -> ("val", slice(10, None))."""
+    if "[" not in spec:
+        return spec, None
+    name, rest = spec.split("[", 1)
+    try:
+        a, b = rest.rstrip("]").split(":")
+        return name, slice(int(a) if a else None, int(b) if b else None)
+    except ValueError:
+        raise UpbenchError(f"bad split '{spec}'; use name or name[start:stop], e.g. val[:20]") from None
+
+
 def build_datasets(cfg: Dict[str, Any]) -> Tuple[Any, Any]:
     from .data import DATASETS
 
@@ -62,9 +90,16 @@ def build_datasets(cfg: Dict[str, Any]) -> Tuple[Any, Any]:
     train_split, val_split = cfg.pop("train_split", "train"), cfg.pop("val_split", "val")
     limit_train, limit_val = cfg.pop("limit_train", None), cfg.pop("limit_val", None)
     cfg.pop("num_classes", None)
-    train = DATASETS.create(name, split=train_split, limit=limit_train, **cfg)
-    val = DATASETS.create(name, split=val_split, limit=limit_val, **cfg)
-    return train, val
+    out = []
+    for spec, limit in ((train_split, limit_train), (val_split, limit_val)):
+        split, part = _split(str(spec))
+        ds = DATASETS.create(name, split=split, **cfg)
+        if part is not None:
+            ds = SliceView(ds, range(len(ds))[part])
+        if limit:
+            ds = SliceView(ds, range(min(int(limit), len(ds))))
+        out.append(ds)
+    return out[0], out[1]
 
 
 def job_identity(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -110,3 +145,18 @@ def run_job(cfg_in: Any, log: Callable[[str], None] = print, cache: Optional[Fea
     log(f"[done] {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in out["metrics"].items()
                                           if isinstance(v, float)) + f" -> {path}")
     return row
+
+
+def run_training(cfg_in: Any, log: Callable[[str], None] = print, progress: bool = True) -> Dict[str, Any]:
+    """``upbench train``: build backbone + upsampler from the config and train with the multi-depth loss."""
+    from tasks.train import train
+
+    cfg = to_container(cfg_in)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    device = resolve_device(cfg.get("device", "auto"))
+    backbone = get_backbone(cfg["backbone"], device)
+    torch.manual_seed(int(cfg["seed"]))
+    model = build_upsampler(cfg["upsampler"], backbone, device)
+    model.requires_grad_(True)
+    return train(cfg, backbone, model, device, log=log, progress=progress)

@@ -1,0 +1,241 @@
+"""Self-supervised training of a multi-step upsampler with UPLiFT's multi-depth loss (UPSAMPLERS.md §1.7).
+
+Image pyramid S, S/2, ..., S/2^D with frozen backbone features at every level.  For each depth d: the input is the
+image and features at S/2^d, the upsampler runs d 2x steps, and step k is compared with the backbone features of
+the image at S/2^(d-k); all terms are summed.  Adam, no schedule.  Checkpoints (model + optimiser + position) are
+safetensors written atomically every ``save_every`` steps; a killed run resumes from the last one and, for a fixed
+seed, ends with the same weights as an uninterrupted run (the data order is a function of (seed, epoch))."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from upbench.errors import UpbenchError
+from upbench.results import config_hash
+
+from .common import normalize
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+                  "retina", "grass", "gravel", "brick", "camera", "moon", "coins", "page")
+
+
+def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """Square training images in [0, 1] at ``img_size`` from a folder (recursive) or ``builtin:skimage``."""
+
+    def __init__(self, root: str, img_size: int, resize: str = "short_side_crop", crops_per_image: int = 1,
+                 limit: Optional[int] = None, seed: int = 0):
+        self.img_size, self.resize, self.crops = int(img_size), resize, max(1, int(crops_per_image))
+        if resize not in ("short_side_crop", "square"):
+            raise UpbenchError(f"unknown data.resize '{resize}'; valid: short_side_crop, square")
+        if str(root).startswith("builtin:"):
+            name = str(root).split(":", 1)[1]
+            if name != "skimage":
+                raise UpbenchError(f"unknown builtin image set '{name}'; valid: builtin:skimage")
+            self.sources: List[Any] = list(SKIMAGE_PHOTOS)
+        else:
+            folder = Path(os.path.expanduser(str(root)))
+            self.sources = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+            if not self.sources:
+                raise UpbenchError(f"no images (jpg/png/...) found under data.root={root}; point it at an image folder")
+        self.sources = self.sources[: limit or None]
+        rng = np.random.default_rng(seed)
+        # (source index, crop box as fractions) -- fixed once, so features can be cached and resumes are exact
+        self.items = [(i, rng.uniform(size=3)) for i in range(len(self.sources)) for _ in range(self.crops)]
+        self._cache: Dict[int, np.ndarray] = {}
+
+    def _load(self, i: int) -> np.ndarray:
+        if i not in self._cache:
+            src = self.sources[i]
+            if src in SKIMAGE_PHOTOS:
+                from skimage import data
+
+                arr = getattr(data, src)()
+            else:
+                from PIL import Image
+
+                with Image.open(src) as im:
+                    arr = np.asarray(im.convert("RGB"))
+            if arr.ndim == 2:
+                arr = np.repeat(arr[..., None], 3, axis=2)
+            self._cache[i] = np.ascontiguousarray(arr[..., :3])
+        return self._cache[i]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        src, (fs, fy, fx) = self.items[index]
+        img = torch.from_numpy(self._load(src)).permute(2, 0, 1)[None].float() / 255.0
+        H, W = img.shape[-2:]
+        S = self.img_size
+        if self.resize == "square" and self.crops == 1:
+            return _resize(img, (S, S))[0]
+        side = min(H, W)
+        if self.crops > 1:  # random square crop between half and all of the short side
+            side = int(side * (0.5 + 0.5 * fs))
+        y, x = int((H - side) * (fy if self.crops > 1 else 0.5)), int((W - side) * (fx if self.crops > 1 else 0.5))
+        return _resize(img[..., y:y + side, x:x + side], (S, S))[0]
+
+
+def pyramid_sizes(img_size: int, patch: int, levels: int) -> List[int]:
+    sizes = [img_size // 2 ** i for i in range(levels + 1)]
+    if any(s * 2 ** i != img_size for i, s in enumerate(sizes)) or sizes[-1] % patch:
+        raise UpbenchError(f"data.img_size={img_size} must be divisible by patch*2^{levels} = {patch * 2 ** levels} "
+                           f"for depths up to {levels}")
+    return sizes
+
+
+def multi_depth_loss(model, images: Sequence[torch.Tensor], feats: Sequence[torch.Tensor], depths: Sequence[int],
+                     loss: str, guide_mean, guide_std) -> Tuple[torch.Tensor, Dict[int, float]]:
+    """``images[l]`` / ``feats[l]``: the batch and its backbone features at S/2^l."""
+    def dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if loss == "l2":
+            return F.mse_loss(a, b)
+        if loss == "l1":
+            return F.l1_loss(a, b)
+        if loss == "cosine":
+            return (1 - F.cosine_similarity(a, b, dim=1)).mean()
+        raise UpbenchError(f"unknown train.loss '{loss}'; valid: l2, l1, cosine")
+
+    total, per_depth = 0.0, {}
+    for d in depths:
+        guide = normalize(images[d], guide_mean, guide_std)
+        steps = model.forward_steps(guide, feats[d], iters=d)
+        term = sum(dist(step, feats[d - k]) for k, step in enumerate(steps, start=1))
+        per_depth[d] = term.item()
+        total = total + term
+    return total, per_depth
+
+
+# ------------------------------------------------------------------ checkpoints (safetensors, atomic)
+def save_state(path: Path, model, optim, meta: Dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for idx, state in optim.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, model, optim) -> Dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_sd = optim.state_dict()
+    state: Dict[int, Dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    opt_sd["state"] = state
+    optim.load_state_dict(opt_sd)
+    return meta
+
+
+def save_weights(path: Path, model, meta: Dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
+              metadata={k: json.dumps(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def train(cfg: Dict[str, Any], backbone, model, device: torch.device, log: Callable[[str], None] = print,
+          progress: bool = True) -> Dict[str, Any]:
+    tcfg, dcfg = cfg["train"], cfg["data"]
+    if not hasattr(model, "forward_steps"):
+        raise UpbenchError(f"upsampler '{cfg['upsampler']['name']}' has no multi-step forward_steps(); "
+                           "upbench train supports iterative upsamplers such as uplift")
+    depths = sorted(int(d) for d in tcfg["depths"])
+    sizes = pyramid_sizes(int(dcfg["img_size"]), backbone.patch_size, max(depths))
+    data = TrainImages(dcfg["root"], dcfg["img_size"], dcfg.get("resize", "short_side_crop"),
+                       dcfg.get("crops_per_image", 1), dcfg.get("limit"), seed=int(cfg["seed"]))
+    bs = int(tcfg["batch_size"])
+    steps_per_epoch = math.ceil(len(data) / bs)
+    total_steps = steps_per_epoch * int(tcfg["epochs"])
+    if tcfg.get("max_steps"):
+        total_steps = min(total_steps, int(tcfg["max_steps"]))
+
+    out_dir = Path(os.path.expanduser(str(tcfg["out_dir"])))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = out_dir / "train_state.safetensors"
+    ident = config_hash({k: v for k, v in cfg.items() if k not in ("paths", "hydra", "threads", "device")},
+                        exclude=())
+    torch.manual_seed(int(cfg["seed"]))
+    model.to(device).train()
+    optim = torch.optim.Adam(model.parameters(), lr=float(tcfg["lr"]))
+    step, history = 0, []
+    if tcfg.get("resume", True) and state_path.exists():
+        meta = load_state(state_path, model, optim)
+        if meta.get("config_hash") != ident:
+            raise UpbenchError(f"{state_path} belongs to a different training config; use another train.out_dir "
+                               "or train.resume=false")
+        step, history = int(meta["step"]), list(meta.get("history", []))
+        log(f"resumed from step {step}/{total_steps} ({state_path})")
+
+    cache: Dict[int, List[torch.Tensor]] = {}
+
+    def pyramid(index: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        img = data[index][None]
+        images = [img if s == sizes[0] else _resize(img, (s, s)) for s in sizes]
+        if index in cache:
+            return images, cache[index]
+        with torch.no_grad():
+            feats = [backbone(normalize(im.to(device), backbone.mean, backbone.std))[0].cpu() for im in images]
+        if tcfg.get("cache_features", True):
+            cache[index] = feats
+        return images, feats
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    while step < total_steps:
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(int(cfg["seed"]) * 100003 + epoch))
+        idx = order[pos * bs:(pos + 1) * bs].tolist()
+        pairs = [pyramid(i) for i in idx]
+        images = [torch.cat([p[0][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
+        feats = [torch.cat([p[1][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
+        loss, per_depth = multi_depth_loss(model, images, feats, depths, tcfg["loss"], model.image_mean, model.image_std)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        step += 1
+        history.append({"step": step, "loss": loss.item(), **{f"d{d}": v for d, v in per_depth.items()}})
+        if bar is not None:
+            bar.set_postfix({f"d{d}": f"{v:.4f}" for d, v in per_depth.items()})
+            bar.update(1)
+        if step % int(tcfg["save_every"]) == 0 or step == total_steps:
+            save_state(state_path, model, optim, {"step": step, "config_hash": ident, "history": history})
+    if bar is not None:
+        bar.close()
+    model.eval()
+    final = out_dir / f"{cfg['upsampler']['name']}_{cfg['backbone']['name']}.safetensors"
+    save_weights(final, model, {"steps": total_steps, "config_hash": ident, "backbone": cfg["backbone"]["name"],
+                                "in_channels": backbone.channels, "patch_size": backbone.patch_size})
+    (out_dir / "train_log.json").write_text(json.dumps({"config": cfg, "history": history}, indent=1, default=str))
+    log(f"trained {total_steps} steps in {time.perf_counter() - t0:.1f}s (this run); weights: {final}")
+    return {"weights": str(final), "steps": total_steps, "history": history}
