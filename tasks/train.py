@@ -236,6 +236,8 @@ def train(cfg: Dict[str, Any], backbone, model, device: torch.device, log: Calla
     final = out_dir / f"{cfg['upsampler']['name']}_{cfg['backbone']['name']}.safetensors"
     save_weights(final, model, {"steps": total_steps, "config_hash": ident, "backbone": cfg["backbone"]["name"],
                                 "in_channels": backbone.channels, "patch_size": backbone.patch_size})
-    (out_dir / "train_log.json").write_text(json.dumps({"config": cfg, "history": history}, indent=1, default=str))
+    final.with_suffix(".log.json").write_text(json.dumps({"config": cfg, "history": history}, indent=1, default=str))
+    if not tcfg.get("keep_state", False):
+        state_path.unlink(missing_ok=True)  # finished: the resumable state is no longer needed
     log(f"trained {total_steps} steps in {time.perf_counter() - t0:.1f}s (this run); weights: {final}")
     return {"weights": str(final), "steps": total_steps, "history": history}

@@ -1,7 +1,9 @@
+import math
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("UPBENCH_SHARED_DIR", ROOT.parent / "shared"))
@@ -29,3 +31,25 @@ def results_dir(tmp_path, monkeypatch):
     path = tmp_path / "results"
     monkeypatch.setenv("UPBENCH_RESULTS", str(path))
     return path
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fan-in scaled random weights and BN statistics, so that softmaxes are neither uniform nor one-hot."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) * 1.5 + 0.5)
+            elif name.endswith("running_mean"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+            elif t.dim() > 1:
+                fan_in = t[0].numel() if "up.weight" not in name else t.shape[0] * t[0, 0].numel()
+                t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(fan_in))
+            elif "conv.1" in name or "conv.4" in name:
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("weight")
+                        else torch.randn(t.shape, generator=g) * 0.2)
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    return model.eval()

@@ -7,20 +7,7 @@ import upsamplers
 from upbench.errors import UpbenchError
 from upsamplers.featup import FeatUpJBU, adaptive_conv, adaptive_conv_reference
 from upsamplers.lift import LiFT, LiFT2x
-
-
-def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            else:
-                fan_in = t[0].numel() if t.dim() > 1 else 10
-                t.copy_(torch.randn(t.shape, generator=g) / fan_in ** 0.5)
-    return model.eval()
+from conftest import randomise
 
 
 # ----------------------------------------------------------------------------- registry / parameter counts
@@ -92,7 +79,7 @@ FEATUP_CASES = [  # (batch, image HW, feature hw, output HW)
 @pytest.mark.parametrize("b,img,feat,out", FEATUP_CASES)
 @pytest.mark.parametrize("use_norm", [False, True])
 def test_featup_output_size(b, img, feat, out, use_norm):
-    m = _randomise(FeatUpJBU(8, use_norm=use_norm))
+    m = randomise(FeatUpJBU(8, use_norm=use_norm))
     with torch.no_grad():
         y = m(torch.randn(b, 3, *img), torch.randn(b, 8, *feat), out)
     assert y.shape == (b, 8, *out)
@@ -100,7 +87,7 @@ def test_featup_output_size(b, img, feat, out, use_norm):
 
 
 def test_featup_forward_is_official_stack_plus_resize():
-    m = _randomise(FeatUpJBU(6), seed=3)
+    m = randomise(FeatUpJBU(6), seed=3)
     img, f = torch.randn(1, 3, 30, 30), torch.randn(1, 6, 3, 2)
     with torch.no_grad():
         off = m.run_official("FeatUp-JBU", {"features": f, "image": img}, {})
@@ -113,7 +100,7 @@ def test_featup_forward_is_official_stack_plus_resize():
 
 
 def test_featup_batch_independent():
-    m = _randomise(FeatUpJBU(4, use_norm=True), seed=4)
+    m = randomise(FeatUpJBU(4, use_norm=True), seed=4)
     img, f = torch.randn(2, 3, 24, 24), torch.randn(2, 4, 3, 3)
     with torch.no_grad():
         both = m(img, f, (24, 24))
@@ -135,7 +122,7 @@ LIFT_CASES = [  # (patch, batch, image HW, feature hw, output HW)
 @pytest.mark.parametrize("patch,b,img,feat,out", LIFT_CASES)
 @pytest.mark.parametrize("cls", [LiFT, LiFT2x])
 def test_lift_output_size(cls, patch, b, img, feat, out):
-    m = _randomise(cls(8, patch))
+    m = randomise(cls(8, patch))
     with torch.no_grad():
         y = m(torch.randn(b, 3, *img), torch.randn(b, 8, *feat), out)
     assert y.shape == (b, 8, *out)
@@ -152,7 +139,7 @@ def test_lift_iteration_count():
 
 @pytest.mark.parametrize("patch", [14, 16])
 def test_lift_forward_matches_official_iteration(patch):
-    m = _randomise(LiFT(8, patch), seed=5)
+    m = randomise(LiFT(8, patch), seed=5)
     img, f = torch.randn(1, 3, 4 * patch, 3 * patch), torch.randn(1, 8, 4, 3)
     method = "LiFT-loftup14" if patch == 14 else "LiFT"
     if method == "LiFT":
@@ -179,7 +166,7 @@ def test_lift_forward_matches_official_iteration(patch):
 
 # ----------------------------------------------------------------------------- checkpoint loading
 def test_featup_lightning_checkpoint(tmp_path):
-    src = _randomise(FeatUpJBU(8, use_norm=True), seed=6)
+    src = randomise(FeatUpJBU(8, use_norm=True), seed=6)
     sd = {}
     for k, v in src.state_dict().items():
         sd[("model.1." + k) if k.startswith("norm.") else ("upsampler." + k)] = v.clone()
@@ -220,7 +207,7 @@ def test_featup_sources():
 
 
 def test_lift_module_prefix_checkpoint(tmp_path):
-    src = _randomise(LiFT(8, 16), seed=7)
+    src = randomise(LiFT(8, 16), seed=7)
     path = tmp_path / "lift_dino_vits16.pth"
     torch.save({"module." + k: v.clone() for k, v in src.state_dict().items()}, path)
     m = LiFT(8, 16).load_official(str(path)).eval()

@@ -92,6 +92,7 @@ def test_training_resumes_after_sigkill_to_the_same_weights(tmp_path):
     assert not (out / "uplift_demo.safetensors").exists()
     log = _train(tmp_path, out, *steps)
     assert "resumed from step" in log
+    assert not state.exists() and (out / "uplift_demo.log.json").exists()  # finished: state cleaned up, log kept
     resumed = _weights(out / "uplift_demo.safetensors")
     assert full.keys() == resumed.keys()
     for k in full:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import upsamplers
-from conftest import GOLDEN
+from conftest import randomise, GOLDEN
 from upbench.errors import UpbenchError
 from upsamplers.uplift import (ATTENDER_OFFSETS, UPLiFT, UPLiFTVAE, attender_offsets, attender_padding,
                                load_config, local_attend_fast, local_attend_reference, residual_auto)
@@ -30,31 +30,9 @@ SMALL_VAE_CFG = {
 }
 
 
-def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Fan-in scaled random weights and BN statistics, so that softmaxes are neither uniform nor one-hot."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) * 1.5 + 0.5)
-            elif name.endswith("running_mean"):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.2)
-            elif t.dim() > 1:
-                fan_in = t[0].numel() if "up.weight" not in name else t.shape[0] * t[0, 0].numel()
-                t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(fan_in))
-            elif "conv.1" in name or "conv.4" in name:
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("weight")
-                        else torch.randn(t.shape, generator=g) * 0.2)
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def small_dino():
-    return _randomise(UPLiFT(in_channels=16, patch_size=14))
+    return randomise(UPLiFT(in_channels=16, patch_size=14))
 
 
 # --------------------------------------------------------------------------------------------- structure
@@ -169,7 +147,7 @@ def test_model_fast_path_matches_reference(small_dino):
 
 
 def test_vae_style_fast_path_matches_reference():
-    m = _randomise(UPLiFTVAE(config=SMALL_VAE_CFG))
+    m = randomise(UPLiFTVAE(config=SMALL_VAE_CFG))
     img, lat = torch.rand(1, 3, 32, 24), torch.randn(1, 4, 4, 3)
     with torch.no_grad():
         fast = m.forward_steps(img, lat, 2)
@@ -311,9 +289,16 @@ def test_offline_download_is_clear(monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    assert set(UPLiFT.pretrained_sources) == {"uplift_dinov2-s14", "uplift_dinov3-splus16", "uplift_sd1.5vae"}
+    assert set(UPLiFT.pretrained_sources) == {"uplift_dinov2-s14", "uplift_dinov3-splus16", "uplift_sd1.5vae", "demo"}
     src = UPLiFT.pretrained_sources["uplift_dinov2-s14"]
     assert (src.hf_repo, src.hf_file) == ("UPLiFT-upsampler/uplift_dinov2-s14", "uplift_dinov2-s14.safetensors")
     with pytest.raises(UpbenchError, match="could not download") as err:
         UPLiFT(in_channels=384, patch_size=14).load_official("uplift_dinov2-s14")
     assert "UPLiFT-upsampler/uplift_dinov2-s14" in str(err.value)
+
+
+def test_packaged_demo_checkpoint_loads_for_the_demo_backbone():
+    model = UPLiFT(in_channels=112, patch_size=16).load_official("demo")
+    assert model.num_params == 632_849  # 789,521 - (384 - 112) * 64 * 9 (decoder block_0 input)
+    with pytest.raises(UpbenchError, match="shape mismatches"):
+        UPLiFT(in_channels=384, patch_size=16).load_official("demo")

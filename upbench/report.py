@@ -48,27 +48,27 @@ def _weights_label(row: Dict[str, Any]) -> str:
     return "–" if row.get("params", {}).get("upsampler", 0) == 0 else "random init"
 
 
-def seg_tables(rows: Sequence[Dict[str, Any]], paper: bool = False) -> List[Table]:
-    """UPLiFT Table 1 layout: one table per (backbone, lr_schedule); rows = upsamplers; columns = params, time,
-    then mIoU / Acc per dataset.  Repeated runs (seeds) are averaged."""
-    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = defaultdict(list)
+def _metric_tables(rows: Sequence[Dict[str, Any]], task: str, metrics: Sequence[Tuple[str, str, str]],
+                   group_of, title_of, paper: bool = False) -> List[Table]:
+    """Rows = upsamplers, columns = params, time, then each metric per dataset; one table per group.
+    ``metrics``: (row key, column label, "max" | "min"). Repeated runs (seeds) are averaged."""
+    groups: Dict[Tuple[str, ...], List[Dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r.get("task") == "seg" and r.get("status") in ("ok", "skipped"):
-            sched = r.get("config", {}).get("task", {}).get("probe", {}).get("lr_schedule", "?")
-            groups[(r["backbone"], sched)].append(r)
+        if r.get("task") == task and r.get("status") in ("ok", "skipped"):
+            groups[group_of(r)].append(r)
     ref = paper_tables() if paper else None
     tables = []
-    for (backbone, sched), grp in sorted(groups.items()):
+    for key, grp in sorted(groups.items()):
         datasets = _order((r["dataset"] for r in grp), DATASET_ORDER)
+        labels = {d: DATASET_LABELS.get(d, d) for d in datasets}
         cols = [("", "Params (M)"), ("", "Time (ms)")]
-        for d in datasets:
-            cols += [(DATASET_LABELS.get(d, d), "mIoU"), (DATASET_LABELS.get(d, d), "Acc")]
+        cols += [(labels[d], label) for d in datasets for _, label, _ in metrics]
         cols.append(("", "Weights"))
         if any(r.get("note") for r in grp):
             cols.append(("", "Note"))
         better = {("", "Time (ms)"): "min"}
-        better.update({c: "max" for c in cols if c[1] in ("mIoU", "Acc")})
-        table = Table(f"Segmentation linear probes - backbone {backbone}, lr_schedule {sched}", cols, better=better)
+        better.update({(labels[d], label): how for d in datasets for _, label, how in metrics})
+        table = Table(title_of(key), cols, better=better)
         by_up: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
         for r in grp:
             by_up[r["upsampler"]].append(r)
@@ -81,19 +81,19 @@ def seg_tables(rows: Sequence[Dict[str, Any]], paper: bool = False) -> List[Tabl
                 ("", "Note"): "; ".join(sorted({r["note"] for r in rs if r.get("note")})) or None,
             }
             for d in datasets:
-                dr = [r for r in rs if r["dataset"] == d and r.get("status") == "ok"]
-                lab = DATASET_LABELS.get(d, d)
-                cells[(lab, "mIoU")] = _mean([r["metrics"]["miou"] for r in dr])
-                cells[(lab, "Acc")] = _mean([r["metrics"]["acc"] for r in dr])
+                done = [r for r in rs if r["dataset"] == d and r.get("status") == "ok"]
+                for metric, label, _ in metrics:
+                    cells[(labels[d], label)] = _mean([r["metrics"][metric] for r in done])
             table.rows.append((up, cells))
-        if ref and backbone in PAPER_BACKBONE_TABLES:
+        backbone = key[0]
+        if ref and task == "seg" and backbone in PAPER_BACKBONE_TABLES:
             for pr in ref[PAPER_BACKBONE_TABLES[backbone]]["rows"]:
                 cells = {("", "Params (M)"): pr.get("params_m"), ("", "Time (ms)"): pr.get("time_ms"),
                          ("", "Weights"): "published"}
                 for d in datasets:
-                    lab = DATASET_LABELS.get(d, d)
                     vals = pr.get("seg", {}).get(d, {})
-                    cells[(lab, "mIoU")], cells[(lab, "Acc")] = vals.get("miou"), vals.get("acc")
+                    for metric, label, _ in metrics:
+                        cells[(labels[d], label)] = vals.get(metric)
                 table.rows.append((f"{pr['label']} (paper)", cells))
                 table.reference_rows += 1
             table.notes.append("(paper) rows: published numbers, " + ref["source"] + "; paper times are GPU ms.")
@@ -101,41 +101,20 @@ def seg_tables(rows: Sequence[Dict[str, Any]], paper: bool = False) -> List[Tabl
     return tables
 
 
+def seg_tables(rows: Sequence[Dict[str, Any]], paper: bool = False) -> List[Table]:
+    """UPLiFT Table 1 layout, one table per (backbone, lr_schedule): mIoU / Acc per dataset."""
+    def group(r):
+        return (r["backbone"], r.get("config", {}).get("task", {}).get("probe", {}).get("lr_schedule", "?"))
+
+    return _metric_tables(rows, "seg", [("miou", "mIoU", "max"), ("acc", "Acc", "max")], group,
+                          lambda k: f"Segmentation linear probes - backbone {k[0]}, lr_schedule {k[1]}", paper)
+
+
 def recon_tables(rows: Sequence[Dict[str, Any]]) -> List[Table]:
-    """Feature reconstruction (task=recon): per backbone, rows = upsamplers, MSE / cosine per dataset."""
-    groups: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        if r.get("task") == "recon" and r.get("status") == "ok":
-            groups[r["backbone"]].append(r)
-    tables = []
-    for backbone, grp in sorted(groups.items()):
-        datasets = _order((r["dataset"] for r in grp), DATASET_ORDER)
-        cols = [("", "Params (M)"), ("", "Time (ms)")]
-        for d in datasets:
-            cols += [(DATASET_LABELS.get(d, d), "MSE"), (DATASET_LABELS.get(d, d), "Cosine")]
-        cols.append(("", "Weights"))
-        better = {("", "Time (ms)"): "min"}
-        better.update({c: ("min" if c[1] == "MSE" else "max") for c in cols if c[1] in ("MSE", "Cosine")})
-        table = Table(f"Feature reconstruction (2x, vs backbone features of the 2x image) - backbone {backbone}",
-                      cols, better=better)
-        by_up: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
-        for r in grp:
-            by_up[r["upsampler"]].append(r)
-        for up in _order(by_up, UPSAMPLER_ORDER):
-            rs = by_up[up]
-            cells: Dict[Tuple[str, str], Any] = {
-                ("", "Params (M)"): (rs[0]["params"]["upsampler"] / 1e6) if rs[0]["params"]["upsampler"] else None,
-                ("", "Time (ms)"): _mean([r["timing"].get("upsampler_ms") for r in rs]),
-                ("", "Weights"): _weights_label(rs[0]),
-            }
-            for d in datasets:
-                dr = [r for r in rs if r["dataset"] == d]
-                lab = DATASET_LABELS.get(d, d)
-                cells[(lab, "MSE")] = _mean([r["metrics"]["mse"] for r in dr])
-                cells[(lab, "Cosine")] = _mean([r["metrics"]["cosine"] for r in dr])
-            table.rows.append((up, cells))
-        tables.append(table)
-    return tables
+    """Feature reconstruction (task=recon), one table per backbone: MSE / cosine per dataset."""
+    return _metric_tables(rows, "recon", [("mse", "MSE", "min"), ("cosine", "Cosine", "max")],
+                          lambda r: (r["backbone"],),
+                          lambda k: f"Feature reconstruction (2x, vs backbone features of the 2x image) - backbone {k[0]}")
 
 
 def _ranks(table: Table) -> Dict[Tuple[int, Tuple[str, str]], int]:

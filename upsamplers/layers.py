@@ -195,3 +195,23 @@ def attend(queries: torch.Tensor, values: torch.Tensor,
         s = slice(start, stop)
         out[:, s] = weights_fn(queries[..., s, :], s) @ values
     return out
+
+
+class LayerNorm2d(nn.Module):
+    """Channels-first LayerNorm (ConvNeXt style): normalises over C of (B, C, H, W), eps 1e-6."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)

@@ -23,6 +23,7 @@ from upbench.errors import UpbenchError
 
 from . import register
 from .base import Upsampler, as_size
+from .layers import LayerNorm2d
 
 _MINMAX_MODES = ("batch", "sample")
 
@@ -37,22 +38,6 @@ class ChannelNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-class ChannelsFirstLayerNorm(nn.Module):
-    """LayerNorm over dim 1 of a (B, C, H, W) map, biased variance, eps 1e-6 by default."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
 class MinMaxScaler(nn.Module):
@@ -234,7 +219,7 @@ class LoftUpCore(nn.Module):
             nn.Conv2d(start, embed, 3, padding=1), nn.BatchNorm2d(embed), nn.ReLU(),
             nn.Conv2d(embed, embed, 3, padding=1), nn.BatchNorm2d(embed), nn.ReLU(),
         )
-        self.final_conv = nn.Sequential(nn.Conv2d(embed, dim, 1), ChannelsFirstLayerNorm(dim, eps=1e-6))
+        self.final_conv = nn.Sequential(nn.Conv2d(embed, dim, 1), LayerNorm2d(dim, eps=1e-6))
         self.ca_transformer = CATransformer(embed, num_layers, num_heads, dim)
 
     def forward(self, lr_feats: torch.Tensor, img: torch.Tensor, q_chunk_size: Optional[int] = None) -> torch.Tensor:

@@ -31,6 +31,7 @@ from upbench.errors import UpbenchError
 
 from . import register
 from .base import Upsampler, as_size
+from .layers import LayerNorm2d
 
 CONFIG_DIR = Path(__file__).with_name("uplift_configs")
 CONFIG_NAMES = ("uplift_dinov2-s14", "uplift_dinov3-splus16", "uplift_sd1.5vae")
@@ -129,26 +130,6 @@ def _residual_auto_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return b.add_(a[:, :cb] if ca > cb else a)
     b[:, :ca].add_(a)
     return b
-
-
-class LayerNorm2d(nn.Module):
-    """Channels-first LayerNorm (ConvNeXt style): normalises over C of (B, C, H, W), eps 1e-6."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
-
-    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2)
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
