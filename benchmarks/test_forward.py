@@ -1,0 +1,31 @@
+"""Forward time of every registered feature upsampler at DINOv2-S/14 448 px shapes (not part of the default run).
+
+    python -m pytest benchmarks/ --benchmark-columns=median,iqr,rounds
+    UPBENCH_BENCH_ROUNDS=10 python -m pytest benchmarks/ -k uplift
+
+Image (1, 3, 448, 448), features (1, 384, 32, 32), output (448, 448), random weights (timing does not depend on
+them), inference mode, the thread count recorded in ``extra_info``. Compare methods only within one run."""
+import os
+
+import pytest
+import torch
+
+import upsamplers
+
+ROUNDS = int(os.environ.get("UPBENCH_BENCH_ROUNDS", "3"))
+FEATURE_UPSAMPLERS = [n for n in upsamplers.available() if n != "uplift_vae"]
+
+
+@pytest.mark.parametrize("name", FEATURE_UPSAMPLERS)
+def test_forward_448_dinov2s(benchmark, name):
+    torch.manual_seed(0)
+    model = upsamplers.create(name, in_channels=384, patch_size=14).eval()
+    image, feats = torch.randn(1, 3, 448, 448), torch.randn(1, 384, 32, 32)
+
+    def forward():
+        with torch.inference_mode():
+            return model(image, feats, (448, 448))
+
+    benchmark.extra_info.update(threads=torch.get_num_threads(), params=model.num_params)
+    out = benchmark.pedantic(forward, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    assert out.shape == (1, 384, 448, 448)
