@@ -15,8 +15,8 @@ from upbench.checkpoints import WeightSource
 from upbench.errors import UpbenchError
 
 from . import register
-from .base import Upsampler, as_size
-from .layers import HeadAveragedAttention, ResBlock, RoPE, attend, conv, default_chunk
+from .base import Upsampler
+from .layers import HeadAveragedAttention, PooledCrossAttentionUpsampler, ResBlock, RoPE, attend, conv, default_chunk
 
 _RELEASE = "https://github.com/wimmerth/anyup/releases/download/"
 
@@ -120,7 +120,7 @@ class CrossAttentionBlock(nn.Module):
 
 
 @register("anyup")
-class AnyUp(Upsampler):
+class AnyUp(PooledCrossAttentionUpsampler, Upsampler):
     """AnyUp upsampler; works with any feature channel count at inference.
 
     ``AnyUp(in_channels=None, patch_size=None, input_dim=3, qk_dim=128, kernel_size=1, kernel_size_lfu=5,
@@ -158,20 +158,12 @@ class AnyUp(Upsampler):
         self.cross_decode = CrossAttentionBlock(qk_dim, num_heads, window_ratio)
         self.rope = RoPE(qk_dim)
 
-    def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Any = None,
-                q_chunk_size: Optional[int] = None) -> torch.Tensor:
-        out_dtype = features.dtype
-        ref = self.rope.freqs
-        image, features = image.to(ref.device, ref.dtype), features.to(ref.device, ref.dtype)
-        size = as_size(output_size) if output_size is not None else tuple(image.shape[-2:])
-        h, w = features.shape[-2:]
+    def queries(self, enc: torch.Tensor, size) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.query_encoder(enc), size)
 
-        enc = self.rope.forward_map(self.image_encoder(image))
-        queries = F.adaptive_avg_pool2d(self.query_encoder(enc), size)
-        keys = F.adaptive_avg_pool2d(self.key_encoder(enc), (h, w))
-        keys = self.aggregation(torch.cat([keys, self.key_features_encoder(F.normalize(features, dim=1))], dim=1))
-        chunk = q_chunk_size if q_chunk_size is not None else self.q_chunk_size
-        return self.cross_decode(queries, keys, features, chunk).to(out_dtype)
+    def keys(self, enc: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        keys = F.adaptive_avg_pool2d(self.key_encoder(enc), features.shape[-2:])
+        return self.aggregation(torch.cat([keys, self.key_features_encoder(F.normalize(features, dim=1))], dim=1))
 
     # ----------------------------------------------------------------- official interface
     @classmethod
@@ -183,10 +175,3 @@ class AnyUp(Upsampler):
         if unknown:
             raise UpbenchError(f"anyup: unsupported official constructor arguments {sorted(unknown)}")
         return cls(**kw)
-
-    def run_official(self, method: str, inputs: Mapping[str, Any], constructor: Mapping[str, Any]
-                     ) -> Dict[str, torch.Tensor]:
-        size = inputs.get("output_size")
-        size = tuple(size) if size is not None else None
-        chunk = inputs.get("q_chunk_size")
-        return {"output": self(inputs["image"], inputs["features"], size, q_chunk_size=chunk)}

@@ -13,8 +13,8 @@ from upbench.checkpoints import WeightSource
 from upbench.errors import UpbenchError
 
 from . import register
-from .base import Upsampler, as_size
-from .layers import HeadAveragedAttention, ResBlock, RoPE, attend, conv, default_chunk
+from .base import Upsampler
+from .layers import HeadAveragedAttention, PooledCrossAttentionUpsampler, ResBlock, RoPE, attend, conv, default_chunk
 
 _RELEASE = "https://github.com/PaulCouairon/JAFAR/releases/download/Weights/{}.pth"
 #: timm backbone names with a released JAFAR checkpoint (README of PaulCouairon/JAFAR)
@@ -83,7 +83,7 @@ class CrossAttentionBlock(nn.Module):
 
 
 @register("jafar")
-class JAFAR(Upsampler):
+class JAFAR(PooledCrossAttentionUpsampler, Upsampler):
     """JAFAR upsampler.
 
     ``JAFAR(in_channels=384, patch_size=None, input_dim=3, qk_dim=128, kernel_size=1, num_heads=4,
@@ -114,22 +114,16 @@ class JAFAR(Upsampler):
         self.sft_key = SFTModulation(qk_dim)
         self.rope = RoPE(qk_dim)
 
-    def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Any = None,
-                q_chunk_size: Optional[int] = None) -> torch.Tensor:
-        out_dtype = features.dtype
-        ref = self.rope.freqs
-        image, features = image.to(ref.device, ref.dtype), features.to(ref.device, ref.dtype)
+    def check_features(self, features: torch.Tensor) -> None:
         if features.shape[1] != self.in_channels:
             raise UpbenchError(f"jafar: built for {self.in_channels} feature channels, got {features.shape[1]}")
-        size = as_size(output_size) if output_size is not None else tuple(image.shape[-2:])
-        h, w = features.shape[-2:]
 
-        enc = self.rope.forward_map(self.image_encoder(image))
-        queries = self.norm(F.adaptive_avg_pool2d(self.query_encoder(enc), size))
-        keys = F.adaptive_avg_pool2d(self.key_encoder(enc), (h, w))
-        keys = self.sft_key(keys, self.key_features_encoder(F.normalize(features, dim=1)))
-        chunk = q_chunk_size if q_chunk_size is not None else self.q_chunk_size
-        return self.cross_decode(queries, keys, features, chunk).to(out_dtype)
+    def queries(self, enc: torch.Tensor, size) -> torch.Tensor:
+        return self.norm(F.adaptive_avg_pool2d(self.query_encoder(enc), size))
+
+    def keys(self, enc: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        keys = F.adaptive_avg_pool2d(self.key_encoder(enc), features.shape[-2:])
+        return self.sft_key(keys, self.key_features_encoder(F.normalize(features, dim=1)))
 
     # ----------------------------------------------------------------- official interface
     @classmethod
@@ -145,9 +139,3 @@ class JAFAR(Upsampler):
         if unknown:
             raise UpbenchError(f"jafar: unsupported official constructor arguments {sorted(unknown)}")
         return cls(in_channels=v_dim, **kw)
-
-    def run_official(self, method: str, inputs: Mapping[str, Any], constructor: Mapping[str, Any]
-                     ) -> Dict[str, torch.Tensor]:
-        size = inputs.get("output_size")
-        size = tuple(size) if size is not None else None
-        return {"output": self(inputs["image"], inputs["features"], size)}

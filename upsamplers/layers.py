@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import as_size
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -215,3 +217,37 @@ class LayerNorm2d(nn.Module):
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
         return y.permute(0, 3, 1, 2)
+
+
+class PooledCrossAttentionUpsampler:
+    """Forward shared by JAFAR and AnyUp (AnyUp's code derives from JAFAR's): RoPE-encoded image features,
+    queries pooled to the output size, keys pooled to the feature grid and modulated by the features, and
+    attention weights applied to the raw features.  Subclasses define :meth:`queries` and :meth:`keys`.
+    Mixed into an ``Upsampler`` that has ``image_encoder``, ``rope``, ``cross_decode`` and ``q_chunk_size``."""
+
+    def check_features(self, features: torch.Tensor) -> None:
+        pass
+
+    def queries(self, enc: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def keys(self, enc: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor, output_size=None,
+                q_chunk_size: Optional[int] = None) -> torch.Tensor:
+        out_dtype = features.dtype
+        ref = self.rope.freqs
+        image, features = image.to(ref.device, ref.dtype), features.to(ref.device, ref.dtype)
+        self.check_features(features)
+        size = tuple(image.shape[-2:]) if output_size is None else as_size(output_size)
+        enc = self.rope.forward_map(self.image_encoder(image))
+        chunk = q_chunk_size if q_chunk_size is not None else self.q_chunk_size
+        out = self.cross_decode(self.queries(enc, size), self.keys(enc, features), features, chunk)
+        return out.to(out_dtype)
+
+    def run_official(self, method: str, inputs, constructor):
+        """``model(image, features, output_size[, q_chunk_size])``; no output_size means the image size."""
+        size = inputs.get("output_size")
+        size = tuple(size) if size is not None else None
+        return {"output": self(inputs["image"], inputs["features"], size, q_chunk_size=inputs.get("q_chunk_size"))}
