@@ -120,3 +120,17 @@ def test_recon_task_rows(tmp_path):
     for row in rows.values():
         assert row["task"] == "recon" and row["metrics"]["mse"] > 0 and -1 <= row["metrics"]["cosine"] <= 1
     assert rows["bilinear"]["metrics"]["mse"] != rows["nearest"]["metrics"]["mse"]
+
+
+def test_disk_feature_cache_is_reused_across_processes(tmp_path):
+    from upbench.runner import feature_cache
+
+    cache_dir = tmp_path / "features"
+    first = FeatureCache(directory=str(cache_dir))
+    calls = []
+    entry = first.get(("bb", "img0", 64, False), lambda: (calls.append(1) or torch.ones(2, 3), torch.zeros(0, 2)))
+    second = FeatureCache(directory=str(cache_dir))  # a new process: empty memory, same directory
+    again = second.get(("bb", "img0", 64, False), lambda: (calls.append(1) or torch.zeros(2, 3), torch.zeros(0, 2)))
+    assert calls == [1] and torch.equal(again[0], entry[0]) and second.hits == 1
+    assert feature_cache({"features": True, "dir": str(cache_dir)}).directory == str(cache_dir)
+    assert not feature_cache({"features": False}).enabled

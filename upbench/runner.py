@@ -102,6 +102,19 @@ def build_datasets(cfg: Dict[str, Any]) -> Tuple[Any, Any]:
     return out[0], out[1]
 
 
+_DISK_CACHES: Dict[str, FeatureCache] = {}
+
+
+def feature_cache(cache_cfg: Dict[str, Any]) -> FeatureCache:
+    """The process-wide in-memory cache, a persistent one under ``task.cache.dir``, or none."""
+    if not cache_cfg.get("features", True):
+        return FeatureCache(enabled=False)
+    directory = cache_cfg.get("dir")
+    if not directory:
+        return PROCESS_CACHE
+    return _DISK_CACHES.setdefault(str(directory), FeatureCache(directory=str(directory)))
+
+
 def job_identity(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return {"task": cfg["task"]["name"], "upsampler": cfg["upsampler"]["name"],
             "backbone": cfg["backbone"]["name"], "dataset": cfg.get("dataset", {}).get("name")}
@@ -131,7 +144,7 @@ def run_job(cfg_in: Any, log: Callable[[str], None] = print, cache: Optional[Fea
     upsampler = build_upsampler(cfg["upsampler"], backbone, device)
     train_set, val_set = build_datasets(cfg["dataset"])
     if cache is None:
-        cache = PROCESS_CACHE if cfg["task"].get("cache", {}).get("features", True) else FeatureCache(enabled=False)
+        cache = feature_cache(cfg["task"].get("cache", {}))
     torch.manual_seed(int(cfg["seed"]))  # again: building (or reusing) models must not shift the task's randomness
     out = task_fn({**cfg["task"], "seed": cfg["seed"]}, backbone, upsampler, train_set, val_set, device, cache, log)
     row = {
