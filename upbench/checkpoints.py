@@ -56,7 +56,8 @@ def download(source: WeightSource, what: str) -> str:
             f"could not download {what} from {source.describe()} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
             f"download it elsewhere and pass the local file path instead"
         ) from None
-    raise UpbenchError(f"{what} has no download source; pass a local file path")
+    raise UpbenchError(f"{what} cannot be downloaded automatically: {source.notes or 'no download source'}; "
+                       "pass a local file path")
 
 
 def read_state_dict(path: str) -> Dict[str, object]:

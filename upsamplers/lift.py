@@ -14,7 +14,6 @@ One module call doubles the feature grid.  Registered adapters:
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -169,14 +168,6 @@ class LiFT(Upsampler):
         size = as_size(output_size)
         k = self.doublings(tuple(features.shape[-2:]), size)
         return _resize(self.iterate(image, features, k)[-1], size)
-
-    # ------------------------------------------------------------------ official weights
-    def load_official(self, name_or_path: str, strict: Optional[bool] = None) -> "LiFT":
-        source = self.pretrained_sources.get(name_or_path)
-        if source is not None and not source.url and not source.hf_repo and not os.path.exists(name_or_path):
-            raise UpbenchError(f"{self.registry_name} weights '{name_or_path}' cannot be downloaded automatically: "
-                               f"{source.notes}")
-        return super().load_official(name_or_path, strict=strict)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ golden reproduction
     @classmethod
