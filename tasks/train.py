@@ -1,4 +1,4 @@
-"""Self-supervised training of a multi-step upsampler with UPLiFT's multi-depth loss (UPSAMPLERS.md §1.7).
+"""Self-supervised training of a multi-step upsampler with UPLiFT's multi-depth loss.
 
 Image pyramid S, S/2, ..., S/2^D with frozen backbone features at every level.  For each depth d: the input is the
 image and features at S/2^d, the upsampler runs d 2x steps, and step k is compared with the backbone features of
