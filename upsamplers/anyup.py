@@ -16,7 +16,7 @@ from upbench.errors import UpbenchError
 
 from . import register
 from .base import Upsampler
-from .layers import HeadAveragedAttention, PooledCrossAttentionUpsampler, ResBlock, RoPE, attend, conv, default_chunk
+from .layers import CrossAttentionBlock, HeadAveragedAttention, PooledCrossAttentionUpsampler, ResBlock, RoPE, attend, conv, default_chunk
 
 _RELEASE = "https://github.com/wimmerth/anyup/releases/download/"
 
@@ -89,36 +89,6 @@ class CrossAttention(nn.Module):
         self.attention = HeadAveragedAttention(qk_dim, num_heads)
 
 
-class CrossAttentionBlock(nn.Module):
-    """Zero-padded 3x3 conv on the query map, then windowed cross-attention (keys double as MHA values); the
-    head-averaged weights are applied to the raw features."""
-
-    def __init__(self, qk_dim: int, num_heads: int, window_ratio: float = 0.1):
-        super().__init__()
-        self.cross_attn = CrossAttention(qk_dim, num_heads)
-        self.conv2d = nn.Conv2d(qk_dim, qk_dim, 3, padding=1, bias=False)
-        self.window_ratio = window_ratio
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                q_chunk_size: Optional[int] = None) -> torch.Tensor:
-        b, _, hq, wq = query.shape
-        c, h, w = value.shape[1:]
-        attn = self.cross_attn
-        q = attn.norm_q(self.conv2d(query).flatten(2).transpose(1, 2))
-        q = attn.attention.project_queries(q)
-        k = attn.attention.project_keys(attn.norm_k(key.flatten(2).transpose(1, 2)))
-        v = value.flatten(2).transpose(1, 2)
-        if q_chunk_size is None:
-            q_chunk_size = default_chunk(hq * wq, b, attn.attention.num_heads, h * w)
-
-        def weights(qc: torch.Tensor, s: slice) -> torch.Tensor:
-            mask = window_mask((hq, wq), (h, w), self.window_ratio, q.device, rows=s)
-            return attn.attention.weights(qc, k, mask)
-
-        out = attend(q, v, weights, q_chunk_size)
-        return out.transpose(1, 2).reshape(b, c, hq, wq)
-
-
 @register("anyup")
 class AnyUp(PooledCrossAttentionUpsampler, Upsampler):
     """AnyUp upsampler; works with any feature channel count at inference.
@@ -155,8 +125,12 @@ class AnyUp(PooledCrossAttentionUpsampler, Upsampler):
         self.query_encoder = make_encoder(conv(qk_dim, qk_dim, 1), qk_dim)
         self.key_features_encoder = make_encoder(LearnedFeatureUnification(lfu_dim, kernel_size_lfu), lfu_dim)
         self.aggregation = make_encoder(conv(qk_dim + lfu_dim, qk_dim, 3), qk_dim)
-        self.cross_decode = CrossAttentionBlock(qk_dim, num_heads, window_ratio)
+        self.cross_decode = CrossAttentionBlock(CrossAttention(qk_dim, num_heads), qk_dim, mask=self.window)
         self.rope = RoPE(qk_dim)
+
+    def window(self, out_size, in_size, device, rows: slice) -> torch.Tensor:
+        """The +-window_ratio mask (True = masked) for the query rows ``rows``."""
+        return window_mask(out_size, in_size, self.window_ratio, device, rows=rows)
 
     def queries(self, enc: torch.Tensor, size) -> torch.Tensor:
         return F.adaptive_avg_pool2d(self.query_encoder(enc), size)

@@ -14,7 +14,7 @@ from upbench.errors import UpbenchError
 
 from . import register
 from .base import Upsampler
-from .layers import HeadAveragedAttention, PooledCrossAttentionUpsampler, ResBlock, RoPE, attend, conv, default_chunk
+from .layers import CrossAttentionBlock, HeadAveragedAttention, PooledCrossAttentionUpsampler, ResBlock, RoPE, attend, conv, default_chunk
 
 _RELEASE = "https://github.com/PaulCouairon/JAFAR/releases/download/Weights/{}.pth"
 #: timm backbone names with a released JAFAR checkpoint (README of PaulCouairon/JAFAR)
@@ -58,30 +58,6 @@ class CrossAttention(nn.Module):
         self.attention = HeadAveragedAttention(qk_dim, num_heads, vdim=v_dim)
 
 
-class CrossAttentionBlock(nn.Module):
-    """Zero-padded 3x3 conv on the query map, then cross-attention to the key tokens over the raw values."""
-
-    def __init__(self, qk_dim: int, v_dim: int, num_heads: int):
-        super().__init__()
-        self.cross_attn = CrossAttention(qk_dim, v_dim, num_heads)
-        self.conv2d = nn.Conv2d(qk_dim, qk_dim, 3, padding=1, bias=False)
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                q_chunk_size: Optional[int] = None) -> torch.Tensor:
-        """query (B, D, H, W), key (B, D, h, w), value (B, C, h, w) -> (B, C, H, W)."""
-        b, _, hq, wq = query.shape
-        c = value.shape[1]
-        attn = self.cross_attn
-        q = attn.norm_q(self.conv2d(query).flatten(2).transpose(1, 2))
-        q = attn.attention.project_queries(q)
-        k = attn.attention.project_keys(attn.norm_k(key.flatten(2).transpose(1, 2)))
-        v = value.flatten(2).transpose(1, 2)
-        if q_chunk_size is None:
-            q_chunk_size = default_chunk(hq * wq, b, attn.attention.num_heads, k.shape[2])
-        out = attend(q, v, lambda qc, _s: attn.attention.weights(qc, k), q_chunk_size)
-        return out.transpose(1, 2).reshape(b, c, hq, wq)
-
-
 @register("jafar")
 class JAFAR(PooledCrossAttentionUpsampler, Upsampler):
     """JAFAR upsampler.
@@ -109,7 +85,7 @@ class JAFAR(PooledCrossAttentionUpsampler, Upsampler):
         self.key_encoder = make_encoder(qk_dim, qk_dim, 1)
         self.query_encoder = make_encoder(qk_dim, qk_dim, 1)
         self.key_features_encoder = make_encoder(in_channels, qk_dim, 1)
-        self.cross_decode = CrossAttentionBlock(qk_dim, in_channels, num_heads)
+        self.cross_decode = CrossAttentionBlock(CrossAttention(qk_dim, in_channels, num_heads), qk_dim)
         self.norm = nn.GroupNorm(8, qk_dim, affine=False)
         self.sft_key = SFTModulation(qk_dim)
         self.rope = RoPE(qk_dim)

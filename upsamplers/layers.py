@@ -251,3 +251,34 @@ class PooledCrossAttentionUpsampler:
         size = inputs.get("output_size")
         size = tuple(size) if size is not None else None
         return {"output": self(inputs["image"], inputs["features"], size, q_chunk_size=inputs.get("q_chunk_size"))}
+
+
+class CrossAttentionBlock(nn.Module):
+    """Zero-padded 3x3 conv on the query map, RMS-normed queries and keys, head-averaged attention weights applied to
+    the raw values (JAFAR, AnyUp).  ``mask(out_size, in_size, device, rows)`` -> bool (rows, h*w), True = masked,
+    restricts each query to some keys (AnyUp's local window); ``None`` attends globally (JAFAR)."""
+
+    def __init__(self, cross_attn: nn.Module, qk_dim: int, mask: Optional[Callable] = None):
+        super().__init__()
+        self.cross_attn = cross_attn  # has norm_q, norm_k and a HeadAveragedAttention ``attention``
+        self.conv2d = nn.Conv2d(qk_dim, qk_dim, 3, padding=1, bias=False)
+        self.mask = mask
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                q_chunk_size: Optional[int] = None) -> torch.Tensor:
+        """query (B, D, H, W), key (B, D, h, w), value (B, C, h, w) -> (B, C, H, W)."""
+        b, _, hq, wq = query.shape
+        c, h, w = value.shape[1:]
+        attn = self.cross_attn
+        q = attn.attention.project_queries(attn.norm_q(self.conv2d(query).flatten(2).transpose(1, 2)))
+        k = attn.attention.project_keys(attn.norm_k(key.flatten(2).transpose(1, 2)))
+        v = value.flatten(2).transpose(1, 2)
+        if q_chunk_size is None:
+            q_chunk_size = default_chunk(hq * wq, b, attn.attention.num_heads, h * w)
+
+        def weights(qc: torch.Tensor, rows: slice) -> torch.Tensor:
+            mask = None if self.mask is None else self.mask((hq, wq), (h, w), q.device, rows)
+            return attn.attention.weights(qc, k, mask)
+
+        out = attend(q, v, weights, q_chunk_size)
+        return out.transpose(1, 2).reshape(b, c, hq, wq)
