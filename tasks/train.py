@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from upbench.errors import UpbenchError
-from upbench.results import config_hash
+from upbench.results import HASH_EXCLUDE, config_hash
 
 from .common import normalize
 
@@ -179,8 +179,7 @@ def train(cfg: Dict[str, Any], backbone, model, device: torch.device, log: Calla
     out_dir = Path(os.path.expanduser(str(tcfg["out_dir"])))
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "train_state.safetensors"
-    ident = config_hash({k: v for k, v in cfg.items() if k not in ("paths", "hydra", "threads", "device")},
-                        exclude=())
+    ident = config_hash(cfg, exclude=HASH_EXCLUDE + ("device",))
     torch.manual_seed(int(cfg["seed"]))
     model.to(device).train()
     optim = torch.optim.Adam(model.parameters(), lr=float(tcfg["lr"]))

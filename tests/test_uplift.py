@@ -1,7 +1,6 @@
 """UPLiFT: structure, parameter counts, attender equivalences, output sizes, checkpoints.
 (Parity with the official code is checked by test_golden.py on the UPLiFT golden cases.)"""
 import json
-import math
 
 import pytest
 import torch

@@ -26,15 +26,6 @@ class Backbone(nn.Module):
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
 
-    def normalize(self, image01: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=image01.dtype, device=image01.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=image01.dtype, device=image01.device).view(1, 3, 1, 1)
-        return (image01 - mean) / std
-
-    def describe(self) -> Dict[str, Any]:
-        return {"name": self.name, "channels": self.channels, "patch_size": self.patch_size,
-                "mean": list(self.mean), "std": list(self.std)}
-
 
 def _pretrained_error(timm_name: str, exc: Exception) -> UpbenchError:
     return UpbenchError(

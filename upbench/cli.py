@@ -12,16 +12,15 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import upbench  # noqa: F401  (torchvision fallback first)
 from .errors import UpbenchError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("task", "upsampler", "backbone", "dataset")
 
 
-def _fail(msg: str) -> "NoReturn":  # noqa: F821
+def _fail(msg: str) -> NoReturn:
     print(f"upbench: error: {msg}", file=sys.stderr)
     sys.exit(2)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-import sys
 from typing import Optional
 
 import torch
@@ -89,6 +88,4 @@ def install_torchvision_fallback() -> bool:
     lib.impl("qnms", lambda d, s, t: nms_reference(d.dequantize(), s.dequantize(), t), "QuantizedCPU")
     _LIBRARY = lib
     FALLBACK_ACTIVE = True
-    if "torchvision" in sys.modules:  # imported before us: nothing more we can do than provide the ops
-        pass
     return True

@@ -45,9 +45,6 @@ class FeatureCache:
         self._memory[key] = entry
         return entry
 
-    def clear(self) -> None:
-        self._memory.clear()
-
 
 #: one cache per process, shared by every job the process runs
 PROCESS_CACHE = FeatureCache()

@@ -16,7 +16,7 @@ from upbench.errors import UpbenchError
 
 from . import register
 from .base import Upsampler
-from .layers import CrossAttentionBlock, HeadAveragedAttention, PooledCrossAttentionUpsampler, ResBlock, RoPE, attend, conv, default_chunk
+from .layers import CrossAttentionBlock, HeadAveragedAttention, PooledCrossAttentionUpsampler, ResBlock, RoPE, conv
 
 _RELEASE = "https://github.com/wimmerth/anyup/releases/download/"
 

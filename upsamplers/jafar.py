@@ -14,7 +14,7 @@ from upbench.errors import UpbenchError
 
 from . import register
 from .base import Upsampler
-from .layers import CrossAttentionBlock, HeadAveragedAttention, PooledCrossAttentionUpsampler, ResBlock, RoPE, attend, conv, default_chunk
+from .layers import CrossAttentionBlock, HeadAveragedAttention, PooledCrossAttentionUpsampler, ResBlock, RoPE, conv
 
 _RELEASE = "https://github.com/PaulCouairon/JAFAR/releases/download/Weights/{}.pth"
 #: timm backbone names with a released JAFAR checkpoint (README of PaulCouairon/JAFAR)
