@@ -14,12 +14,15 @@ import upsamplers
 
 ROUNDS = int(os.environ.get("UPBENCH_BENCH_ROUNDS", "3"))
 FEATURE_UPSAMPLERS = [n for n in upsamplers.available() if n != "uplift_vae"]
+#: opt-in variants timed beside the defaults: (id, upsampler, constructor kwargs)
+VARIANTS = [("uplift-bf16", "uplift", {"compute_dtype": "bfloat16"})]
+CASES = [(n, n, {}) for n in FEATURE_UPSAMPLERS] + VARIANTS
 
 
-@pytest.mark.parametrize("name", FEATURE_UPSAMPLERS)
-def test_forward_448_dinov2s(benchmark, name):
+@pytest.mark.parametrize("case,name,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_forward_448_dinov2s(benchmark, case, name, kwargs):
     torch.manual_seed(0)
-    model = upsamplers.create(name, in_channels=384, patch_size=14).eval()
+    model = upsamplers.create(name, in_channels=384, patch_size=14, **kwargs).eval()
     image, feats = torch.randn(1, 3, 448, 448), torch.randn(1, 384, 32, 32)
 
     def forward():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.nn import functional as F
@@ -105,3 +105,39 @@ def resize_logits(logits: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def train_probe(train_set, probe_cfg: Dict[str, Any], params, seed: int,
+                loss_fn: Callable[[List[Dict[str, Any]], List[bool], int], torch.Tensor],
+                log=print) -> Tuple[List[float], List[float]]:
+    """The probe loop shared by the probe tasks: AdamW over ``params``, the configured LR schedule, shuffled batches
+    with random horizontal flips; ``loss_fn(items, flips, step)`` gives a batch's loss.  Returns (seconds per
+    epoch, mean loss per epoch)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    optim = torch.optim.AdamW(params, lr=probe_cfg["lr"], betas=tuple(probe_cfg["betas"]),
+                              weight_decay=probe_cfg["weight_decay"])
+    batch_size, epochs = int(probe_cfg["batch_size"]), int(probe_cfg["epochs"])
+    iters = (len(train_set) + batch_size - 1) // batch_size
+    sched, per_iter = make_scheduler(optim, probe_cfg["lr_schedule"], epochs, iters)
+    step, epoch_s, losses = 0, [], []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        order = torch.randperm(len(train_set), generator=gen).tolist()
+        flips = (torch.rand(len(order), generator=gen) < 0.5).tolist() if probe_cfg["flip"] else [False] * len(order)
+        total = 0.0
+        for b in range(iters):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            loss = loss_fn([train_set[i] for i in idx], [flips[i] for i in idx], step)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            if per_iter:
+                sched.step()
+            step += 1
+            total += loss.item()
+        if not per_iter:
+            sched.step()
+        epoch_s.append(time.perf_counter() - t0)
+        losses.append(total / max(1, iters))
+        log(f"  epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f} ({epoch_s[-1]:.2f}s)")
+    return epoch_s, losses

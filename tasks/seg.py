@@ -2,15 +2,16 @@
 ``Conv2d(C, K, 1)`` probe trained with AdamW, CE ignoring 255; pixel accuracy (micro) and mIoU (macro)."""
 from __future__ import annotations
 
-import time
 from typing import Any, Dict
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from upbench.errors import UpbenchError
+
 from . import register
-from .common import FeatureSource, make_scheduler, resize_logits, timing_summary
+from .common import FeatureSource, resize_logits, timing_summary, train_probe
 
 
 @register("seg")
@@ -18,44 +19,24 @@ def run_seg(cfg: Dict[str, Any], backbone, upsampler, train_set, val_set, device
             log=print) -> Dict[str, Any]:
     from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
+    if getattr(train_set, "kind", "seg") != "seg":
+        raise UpbenchError(f"task=seg needs a segmentation dataset; '{train_set.name}' is a {train_set.kind} dataset "
+                           f"(use task={train_set.kind})")
     probe_cfg = cfg["probe"]
     num_classes, ignore = train_set.num_classes, train_set.ignore_index
     size = (train_set.img_size, train_set.img_size)
     budget = float(cfg["cache"]["upsampled_gb"])
     source = FeatureSource(backbone, upsampler, device, cache, train_set.img_size, cfg["guidance_norm"], budget)
 
-    gen = torch.Generator().manual_seed(int(cfg["seed"]))
     probe = nn.Conv2d(backbone.channels, num_classes, 1).to(device)
-    optim = torch.optim.AdamW(probe.parameters(), lr=probe_cfg["lr"], betas=tuple(probe_cfg["betas"]),
-                              weight_decay=probe_cfg["weight_decay"])
-    batch_size, epochs = int(probe_cfg["batch_size"]), int(probe_cfg["epochs"])
-    iters = (len(train_set) + batch_size - 1) // batch_size
-    sched, per_iter = make_scheduler(optim, probe_cfg["lr_schedule"], epochs, iters)
 
-    epoch_s, losses = [], []
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        order = torch.randperm(len(train_set), generator=gen).tolist()
-        flips = (torch.rand(len(order), generator=gen) < 0.5).tolist() if probe_cfg["flip"] else [False] * len(order)
-        total = 0.0
-        for b in range(iters):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            items = [train_set[i] for i in idx]
-            feats = torch.stack([source.high_res(it, flips[i], size) for it, i in zip(items, idx)]).to(device)
-            labels = torch.stack([it["label"].flip(-1) if flips[i] else it["label"] for it, i in zip(items, idx)])
-            logits = resize_logits(probe(feats), labels.shape[-2:])
-            loss = F.cross_entropy(logits, labels.to(device), ignore_index=ignore)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            if per_iter:
-                sched.step()
-            total += loss.item()
-        if not per_iter:
-            sched.step()
-        epoch_s.append(time.perf_counter() - t0)
-        losses.append(total / max(1, iters))
-        log(f"  epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f} ({epoch_s[-1]:.2f}s)")
+    def batch_loss(items, flips, _step):
+        feats = torch.stack([source.high_res(it, f, size) for it, f in zip(items, flips)]).to(device)
+        labels = torch.stack([it["label"].flip(-1) if f else it["label"] for it, f in zip(items, flips)])
+        logits = resize_logits(probe(feats), labels.shape[-2:])
+        return F.cross_entropy(logits, labels.to(device), ignore_index=ignore)
+
+    epoch_s, losses = train_probe(train_set, probe_cfg, probe.parameters(), cfg["seed"], batch_loss, log)
 
     miou = MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=ignore).to(device)
     acc = MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=ignore).to(device)

@@ -114,12 +114,18 @@ def test_fast_attender_matches_reference(n, shape):
     offs = ATTENDER_OFFSETS[n]
     ref = local_attend_reference(x, attn, offs)
     a_last = attn.permute(0, 2, 3, 1).contiguous()
-    for contiguous_out in (False, True):
-        for chunk in (1, 1 << 22):  # one low-res row per block, and everything at once
-            got = local_attend_fast(x.contiguous(memory_format=torch.channels_last), a_last, offs,
-                                    contiguous_out=contiguous_out, chunk_elems=chunk)
-            assert got.shape == ref.shape
-            assert (got - ref).abs().max().item() < 1e-5
+    for chunk in (1, 1 << 22):  # one low-res row per block, and everything at once
+        got = local_attend_fast(x.contiguous(memory_format=torch.channels_last), a_last, offs, chunk_elems=chunk)
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max().item() < 1e-5
+    # with the resize folded in: down, up, one axis only, down to a single pixel, and to width 1 (where PyTorch's
+    # resize of a contiguous map is not separable; the reference sees a contiguous map)
+    H, W = h * I, w * J
+    for size in [(max(1, H - 3), max(1, W - 1)), (H + 5, 2 * W + 1), (H, W + 2), (1, 1), (H + 3, 1)]:
+        want = F.interpolate(ref, size=size, mode="bilinear", align_corners=False, antialias=True)
+        got = local_attend_fast(x, a_last, offs, size=size)
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() < 1e-5
     # replication padding == clamping the neighbour indices at the border
     ys = torch.arange(h * I) // I
     xs = torch.arange(w * J) // J
@@ -154,6 +160,94 @@ def test_vae_style_fast_path_matches_reference():
         ref = m.forward_steps(img, lat, 2)
     for f, r in zip(fast, ref):
         assert (f - r).abs().max().item() < 1e-4
+
+
+def _fast_and_reference(m, *args, iters=None, call=None):
+    """(fast-path output, reference-path output) of ``m(*args)`` (or ``call(m)``), eval mode, ``iters`` fixed."""
+    saved = m.fast, m.iters
+    m.iters = iters
+    try:
+        with torch.inference_mode():
+            m.fast = True
+            fast = call(m) if call else m(*args)
+            m.fast = False
+            ref = call(m) if call else m(*args)
+    finally:
+        m.fast, m.iters = saved
+    return fast, ref
+
+
+def _assert_close(got, want, tol=1e-4):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.allclose(got, want, atol=tol, rtol=tol), f"max abs err {(got - want).abs().max().item():.3e}"
+
+
+def test_fast_path_fused_downscale_resize(small_dino):
+    """The last attender step with the antialiased resize folded in: 6x7 features, native 96x112, output 84x98."""
+    img, feats = torch.randn(1, 3, 84, 98), torch.randn(1, 16, 6, 7)
+    fast, ref = _fast_and_reference(small_dino, img, feats, (84, 98))
+    assert fast.shape == (1, 16, 84, 98)
+    _assert_close(fast, ref)
+    # output sizes unrelated to the native one (anisotropic, odd, a single column)
+    for size in [(61, 101), (30, 1)]:
+        fast, ref = _fast_and_reference(small_dino, img, feats, size)
+        _assert_close(fast, ref)
+
+
+def test_fast_path_fused_upscale_resize(small_dino):
+    """Output larger than the native map: 3 steps give 48x56, resized up to 84x98 (and 100x57: up and down)."""
+    img, feats = torch.randn(1, 3, 84, 98), torch.randn(1, 16, 6, 7)
+    for size in [(84, 98), (100, 57)]:
+        fast, ref = _fast_and_reference(small_dino, img, feats, size, iters=3)
+        _assert_close(fast, ref)
+
+
+def test_fast_path_batch2_and_official_outsize(small_dino):
+    img, feats = torch.randn(2, 3, 56, 70), torch.randn(2, 16, 4, 5)
+    fast, ref = _fast_and_reference(small_dino, img, feats, (50, 73))
+    _assert_close(fast, ref)
+    assert not torch.allclose(fast[0], fast[1])
+    # the official call with ``outsize`` takes the same fused route
+    fast, ref = _fast_and_reference(small_dino, iters=2,
+                                    call=lambda m: m.forward_official(img, feats, outsize=[37, 45]))
+    _assert_close(fast, ref)
+    # no resize needed: the native map itself
+    fast, ref = _fast_and_reference(small_dino, img, feats, (64, 80))
+    _assert_close(fast, ref)
+
+
+def test_vae_style_fast_path_with_resize():
+    """With a refiner the resize follows it (not fused); batch 2, non-square."""
+    m = randomise(UPLiFTVAE(config=SMALL_VAE_CFG))
+    img, lat = torch.rand(2, 3, 32, 24), torch.randn(2, 4, 4, 3)
+    fast, ref = _fast_and_reference(m, img, lat, (29, 21))
+    _assert_close(fast, ref)
+
+
+def test_bfloat16_compute_option():
+    """``compute_dtype="bfloat16"``: encoder / decoder in bf16, attender and output in float32.  Loose tolerance
+    against the float32 reference: relative L2 error below 2e-2 and max abs error below 5% of the output's range
+    (measured here: about 4e-3 and 0.7%)."""
+    m = randomise(UPLiFT(in_channels=16, patch_size=14, compute_dtype="bfloat16"))
+    assert m.compute_dtype == torch.bfloat16 and m.param_dtype == torch.float32
+    img, feats = torch.randn(2, 3, 84, 98), torch.randn(2, 16, 6, 7)
+    with torch.inference_mode():
+        got = m(img, feats, (84, 98))
+        m.fast = False  # the reference path ignores compute_dtype
+        ref = m(img, feats, (84, 98))
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    err = got - ref
+    assert (err.norm() / ref.norm()).item() < 2e-2
+    assert err.abs().max().item() < 0.05 * (ref.max() - ref.min()).item()
+    assert not torch.equal(got, ref)  # really computed in reduced precision
+    # LayerNorm blocks, noise channels and the refiner (whose output is the step's output: rel. L2 below 5e-2)
+    v = randomise(UPLiFTVAE(config=SMALL_VAE_CFG, compute_dtype="bf16"))
+    img, lat = torch.rand(2, 3, 32, 24), torch.randn(2, 4, 4, 3)
+    with torch.inference_mode():
+        got = v(img, lat, (29, 21))
+        v.fast = False
+        ref = v(img, lat, (29, 21))
+    assert got.dtype == torch.float32 and ((got - ref).norm() / ref.norm()).item() < 5e-2
 
 
 def test_output_is_convex_combination(small_dino):

@@ -150,8 +150,28 @@ def demo_backbone(weights: Optional[str] = None, **_: Any) -> Backbone:
                    weights_remap="positional", name="demo")
 
 
+def feature_shape(cfg: Dict[str, Any]) -> Tuple[int, int]:
+    """(channels, patch_size) of a backbone config without loading weights: the declared ``channels`` /
+    ``patch_size`` keys when present, else read off a random-init instance of the same architecture."""
+    channels, patch = cfg.get("channels"), cfg.get("patch_size")
+    if channels and patch:
+        return int(channels), int(patch)
+    spec = {k: v for k, v in cfg.items() if k not in ("channels", "patch_size")}
+    if spec.get("kind") == "demo":
+        model = TimmCNN("efficientnet_lite0", stage=3, pretrained=False)
+    else:
+        model = create_backbone({**spec, "pretrained": False, "weights": None})
+    return int(channels or model.channels), int(patch or model.patch_size)
+
+
 def create_backbone(cfg: Dict[str, Any]) -> Backbone:
     """Build from a backbone config: ``{kind: timm_vit|timm_cnn|demo, name, timm_name, pretrained, weights, ...}``."""
-    cfg = dict(cfg)
+    declared = {k: cfg.get(k) for k in ("channels", "patch_size")}
+    cfg = {k: v for k, v in cfg.items() if k not in declared}  # declared facts, not constructor arguments
     kind = cfg.pop("kind", "timm_vit")
-    return BACKBONES.create(kind, **{k: v for k, v in cfg.items() if v is not None or k == "weights"})
+    model = BACKBONES.create(kind, **{k: v for k, v in cfg.items() if v is not None or k == "weights"})
+    for key, value in declared.items():
+        if value is not None and int(value) != int(getattr(model, key)):
+            raise UpbenchError(f"backbone '{model.name}' has {key}={getattr(model, key)}, its config declares "
+                               f"{value}; fix backbone.{key}")
+    return model

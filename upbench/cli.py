@@ -4,7 +4,8 @@
   upbench train upsampler=uplift backbone=demo data.root=builtin:skimage   # multi-depth self-supervised training
   upbench demo                      # seg on the embedded demo set for every registered upsampler
   upbench list                      # upsamplers, tasks, backbones, datasets
-  upbench report [--latex|--csv] [--paper] [--results DIR]
+  upbench sweep scaling [--quick] [overrides]   # time / memory / FLOPs vs tokens for every upsampler
+  upbench report [--latex|--csv] [--paper] [--scaling [--plot PNG]] [--results DIR]
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ def cmd_train(argv: List[str]) -> None:
 def cmd_list(_: List[str]) -> None:
     for group in GROUPS:
         print(f"{group}s: {', '.join(registered(group))}")
+    print(f"sweeps: {', '.join(config_options('sweep'))}")
 
 
 def demo_spec() -> Dict[str, object]:
@@ -191,6 +193,33 @@ def cmd_demo(argv: List[str]) -> None:
     print(f"demo wall time: {time.perf_counter() - t0:.1f} s (results in {Path(results_dir).resolve()})")
 
 
+def cmd_sweep(argv: List[str]) -> None:
+    """``upbench sweep <name> [--quick] [overrides]``: a measurement sweep defined by configs/sweep/<name>.yaml."""
+    from . import report, scaling
+    from .runner import to_container
+
+    sweeps = config_options("sweep")
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        _fail(f"which sweep? usage: upbench sweep <name> [--quick] [overrides]; sweeps: {', '.join(sweeps)}")
+    name, rest = argv[0], argv[1:]
+    if name not in sweeps:
+        _fail(f"unknown sweep '{name}'; sweeps: {', '.join(sweeps)}")
+    quick = "--quick" in rest
+    overrides = [a for a in rest if a != "--quick"]
+    flags = [a for a in overrides if a.startswith("-")]
+    if flags:
+        _fail(f"unknown option {flags[0]} for upbench sweep (options: --quick; the rest are key=value overrides)")
+    validate_overrides(overrides)
+    cfg = to_container(compose(overrides, config_name=f"sweep/{name}"))
+    rows = scaling.run_sweep(cfg, quick=quick)
+    print()
+    print(report.render(rows, "markdown", scaling=True))
+    if cfg.get("plot", True):
+        dev = rows[0]["config"]["device"]["type"] if rows else "cpu"
+        png = Path(cfg["paths"]["results"]) / "scaling" / f"scaling_{cfg['backbone']['name']}_{dev}.png"
+        print(f"figure: {report.scaling_figure(rows, str(png), log_scale=bool(cfg.get('log_scale', True)))}")
+
+
 def cmd_report(argv: List[str]) -> None:
     from . import report
     from .results import ResultStore
@@ -200,14 +229,22 @@ def cmd_report(argv: List[str]) -> None:
     fmt.add_argument("--latex", action="store_true", help="booktabs LaTeX (best bold, second underlined)")
     fmt.add_argument("--csv", action="store_true")
     parser.add_argument("--paper", action="store_true", help="add the published reference rows")
+    parser.add_argument("--scaling", action="store_true", help="the scaling sweep tables (upbench sweep scaling)")
+    parser.add_argument("--plot", metavar="PNG", help="with --scaling: also write the time/memory figure here")
     parser.add_argument("--results", default=os.environ.get("UPBENCH_RESULTS", "results"))
     args = parser.parse_args(argv)
+    if args.plot and not args.scaling:
+        _fail("--plot needs --scaling")
     rows = ResultStore(args.results).rows()
     kind = "latex" if args.latex else "csv" if args.csv else "markdown"
-    sys.stdout.write(report.render(rows, kind, paper=args.paper))
+    sys.stdout.write(report.render(rows, kind, paper=args.paper, scaling=args.scaling))
+    if args.plot:
+        png = report.scaling_figure(rows, args.plot)
+        print(f"figure: {png}" if png else "no scaling rows to plot", file=sys.stderr)
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "demo": cmd_demo, "list": cmd_list, "report": cmd_report}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "demo": cmd_demo, "list": cmd_list, "sweep": cmd_sweep,
+            "report": cmd_report}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -99,6 +99,8 @@ class AnyUp(PooledCrossAttentionUpsampler, Upsampler):
     memory; None = automatic (about 128 MB of float32 logits per chunk). The output does not depend on it.
     """
 
+    family = "cross-attention"
+
     official_methods = ("AnyUp",)
     pretrained_sources: Dict[str, WeightSource] = {
         "anyup_paper": WeightSource(url=_RELEASE + "checkpoint/anyup_paper.pth", licence="CC-BY-4.0",

@@ -46,6 +46,9 @@ class Upsampler(nn.Module):
     image_std: ClassVar[Sequence[float]] = (0.229, 0.224, 0.225)
     #: True for methods with no learned weights
     parameter_free: ClassVar[bool] = False
+    #: how cost grows with the number of tokens: "interpolation", "local" (convolutions / fixed neighbourhoods:
+    #: linear in pixels) or "cross-attention" (every pixel attends to the tokens: pixels x tokens)
+    family: ClassVar[str] = "local"
 
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -95,6 +98,7 @@ class Upsampler(nn.Module):
 
 class _Interpolate(Upsampler):
     parameter_free = True
+    family = "interpolation"
     mode: ClassVar[str] = "bilinear"
 
     def __init__(self, **_: Any):  # accepts (and ignores) in_channels, patch_size, ...

@@ -68,6 +68,8 @@ class JAFAR(PooledCrossAttentionUpsampler, Upsampler):
     output does not depend on it.
     """
 
+    family = "cross-attention"
+
     official_methods = ("JAFAR",)
     checkpoint_wrappers = ("jafar",)
     pretrained_sources: Dict[str, WeightSource] = {

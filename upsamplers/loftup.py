@@ -253,6 +253,8 @@ class LoftUp(Upsampler):
     no chunking.
     """
 
+    family = "cross-attention"
+
     official_methods = ("LoftUp",)
     pretrained_sources: Dict[str, WeightSource] = {
         "loftup_dinov2s": _hf("haiwen/loftup-dinov2s", 384, 16),

@@ -9,16 +9,24 @@ Module names follow the official ``state_dict`` layout (``encoder.block_k.blocks
 Two numerically equivalent execution paths exist:
 
 * the reference path (``fast=False`` or training mode): the modules run as built, the attender gathers the
-  neighbours and broadcasts them to high resolution;
+  neighbours and broadcasts them to high resolution, and a requested output size is a separate resize;
 * the default inference path: BatchNorm folded into the preceding conv, channels-last tensors, the last encoder
   block evaluated only on the pixels the decoder reads (a strided conv; exact because the decoder resamples the
-  encoder maps with top-left ``nearest``), and an attender that gathers the neighbours once at low resolution and
-  combines them with one batched matmul per block of rows.
+  encoder maps with top-left ``nearest``), channel concatenations never written (the conv reading one is split by
+  input channels), 1x1 convs and their residual as one GEMM, and an attender that combines the low-res neighbours
+  of each cell with batched matmuls over strided views of the low-res map, one low-res row at a time
+  (:class:`_NeighbourMix`).  When the output is resized and there is no refiner, the last step applies the
+  separable antialiased resize to each finished row, so its native-size map is never held whole.
+
+The inference path may also run its encoder and decoder in a reduced precision (``compute_dtype``, opt-in; not
+numerically equivalent), the attender and output staying in the features' precision.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -152,30 +160,102 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Te
 
 def _conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: int, padding: Any,
           fast: bool) -> torch.Tensor:
-    """F.conv2d; in the inference path a 1x1 conv on a channels-last map is one GEMM with a fused bias."""
+    """F.conv2d; in the inference path a 1x1 conv on a channels-last map is one GEMM with a fused bias, and the
+    weights follow the activations' dtype (reduced-precision compute)."""
+    if w.dtype != x.dtype:
+        w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
     if (fast and w.shape[-2:] == (1, 1) and stride == 1 and padding in ((0, 0), 0)
             and x.permute(0, 2, 3, 1).is_contiguous()):
         return F.linear(x.permute(0, 2, 3, 1), w.flatten(1), b).permute(0, 3, 1, 2)
     return F.conv2d(x, w, b, stride, padding)
 
 
-def _run_convs(seq: nn.Sequential, x: torch.Tensor, stride: int, fast: bool) -> torch.Tensor:
+# Inference path: a channel concatenation kept as its pieces, (tensor, channels) each; ``None`` = all zeros.
+Parts = List[Tuple[Optional[torch.Tensor], int]]
+
+
+def _conv_parts(parts: Parts, w: torch.Tensor, b: Optional[torch.Tensor], padding: Any) -> torch.Tensor:
+    """``conv(cat(parts), w, b)`` as a sum of convs over the pieces' weight slices: the same numbers without
+    writing the concatenated map (all-zero pieces contribute nothing and are skipped)."""
+    y, c0 = None, 0
+    for t, n in parts:
+        if t is not None:
+            wi = w[:, c0:c0 + n]
+            if y is None:
+                y = _conv(t, wi, b, 1, padding, True)
+            else:
+                y.add_(_conv(t, wi, None, 1, padding, True))
+        c0 += n
+    if y is None:
+        raise UpbenchError("UPLiFT: a concatenation of zero maps only")
+    return y
+
+
+def _residual_parts_(parts: Parts, y: torch.Tensor) -> torch.Tensor:
+    """In-place ``residual_auto(cat(parts), y)``: channel c of y gets channel c of the concatenation, c < both."""
+    cb, c0 = y.shape[1], 0
+    for t, n in parts:
+        if c0 >= cb:
+            break
+        m = min(n, cb - c0)
+        if t is not None:
+            src = t if m == n else t[:, :m]
+            (y if (c0, m) == (0, cb) else y[:, c0:c0 + m]).add_(src)
+        c0 += n
+    return y
+
+
+def _linear_residual(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], res: Parts) -> torch.Tensor:
+    """Inference path: 1x1 conv of a channels-last map plus ``residual_auto(cat(res), .)`` as one GEMM that
+    accumulates onto (residual + bias), instead of adding the residual in another pass over the output."""
+    B, cin, H, W = x.shape
+    w = w.to(x.dtype).flatten(1)
+    cout = w.shape[0]
+    out = torch.empty((B, H, W, cout), dtype=x.dtype, device=x.device)
+    b = out.new_zeros(cout) if b is None else b.to(x.dtype)
+    t0, n0 = res[0]
+    if t0 is not None and n0 >= cout:
+        torch.add(t0.permute(0, 2, 3, 1)[..., :cout], b, out=out)
+    else:
+        out.copy_(b.expand(out.shape))
+        c0 = 0
+        for t, n in res:
+            m = min(n, cout - c0)
+            if m <= 0:
+                break
+            if t is not None:
+                out[..., c0:c0 + m].add_(t.permute(0, 2, 3, 1)[..., :m])
+            c0 += n
+    out.view(-1, cout).addmm_(x.permute(0, 2, 3, 1).reshape(-1, cin), w.t())
+    return out.permute(0, 3, 1, 2)
+
+
+def _run_convs(seq: nn.Sequential, x: Union[torch.Tensor, Parts], stride: int, fast: bool,
+               residual: Optional[Parts] = None) -> torch.Tensor:
     """Run a conv/norm/ReLU Sequential; the first conv may be strided (then evaluated only at every
-    ``stride``-th pixel, starting at the top-left one).  ``fast`` folds BatchNorm and uses in-place ReLUs."""
+    ``stride``-th pixel, starting at the top-left one).  ``fast`` folds BatchNorm and uses in-place ReLUs; there
+    ``x`` may also be :data:`Parts` (stride 1), read by the first conv without concatenating, and ``residual``
+    (:data:`Parts`) is added to the output (see :func:`residual_auto`)."""
     mods = list(seq)
     i, first = 0, True
     while i < len(mods):
         m = mods[i]
         if isinstance(m, nn.Conv2d):
             s = stride if first else 1
-            first = False
             nxt = mods[i + 1] if i + 1 < len(mods) else None
+            w, b, skip = m.weight, m.bias, 1
             if fast and isinstance(nxt, nn.BatchNorm2d):
-                w, b = _folded(m, nxt)
-                x = _conv(x, w, b, s, m.padding, fast)
-                i += 2
-                continue
-            x = _conv(x, m.weight, m.bias, s, m.padding, fast) if (s != 1 or fast) else m(x)
+                (w, b), skip = _folded(m, nxt), 2
+            if (fast and residual is not None and i + skip == len(mods) and w.shape[-2:] == (1, 1) and s == 1
+                    and not isinstance(x, list) and x.permute(0, 2, 3, 1).is_contiguous()):
+                return _linear_residual(x, w, b, residual)
+            if first and isinstance(x, list):
+                x = _conv_parts(x, w, b, m.padding)
+            else:
+                x = _conv(x, w, b, s, m.padding, fast) if (s != 1 or fast) else m(x)
+            first = False
+            i += skip
+            continue
         elif isinstance(m, nn.ReLU):
             x = F.relu_(x) if fast else F.relu(x)
         elif isinstance(m, LayerNorm2d) and fast:
@@ -183,7 +263,7 @@ def _run_convs(seq: nn.Sequential, x: torch.Tensor, stride: int, fast: bool) -> 
         else:
             x = m(x)
         i += 1
-    return x
+    return x if residual is None else _residual_parts_(residual, x)
 
 
 class SingleConv(nn.Module):
@@ -197,12 +277,14 @@ class SingleConv(nn.Module):
             nn.Conv2d(h1, h1, 1),
         )
 
-    def forward(self, x: torch.Tensor, stride: int = 1, fast: bool = False) -> torch.Tensor:
-        y = _run_convs(self.conv, x, stride, fast)
+    def forward(self, x: Union[torch.Tensor, Parts], stride: int = 1, fast: bool = False) -> torch.Tensor:
         if not self.residual:
-            return y
+            return _run_convs(self.conv, x, stride, fast)
+        if fast:
+            res = x if isinstance(x, list) else [(x[:, :, ::stride, ::stride] if stride != 1 else x, x.shape[1])]
+            return _run_convs(self.conv, x, stride, fast, residual=res)
         xr = x[:, :, ::stride, ::stride] if stride != 1 else x
-        return _residual_auto_(xr, y) if fast else residual_auto(xr, y)
+        return residual_auto(xr, _run_convs(self.conv, x, stride, fast))
 
 
 class DoubleConv(SingleConv):
@@ -262,7 +344,13 @@ class UpBlock(nn.Module):
         self.res = nn.UpsamplingBilinear2d(scale_factor=self.factor) if residual == "bilinear" else None
 
     def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
-        y = self.up(x)
+        if fast:
+            w, b = self.up.weight, self.up.bias
+            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+            y = F.conv_transpose2d(x, w, b, self.up.stride, self.up.padding, self.up.output_padding,
+                                   self.up.groups, self.up.dilation)
+        else:
+            y = self.up(x)
         if self.res is None:
             return y
         r = self.res(x)
@@ -291,6 +379,21 @@ def noise_and_combine(x: torch.Tensor, f: Optional[torch.Tensor], ncat_c: int, n
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         parts = [p.contiguous(memory_format=torch.channels_last) for p in parts]
     return torch.cat(parts, 1)
+
+
+def noise_and_combine_parts(x: torch.Tensor, f: Optional[torch.Tensor], ncat_c: int, ncat_s: float) -> Parts:
+    """:func:`noise_and_combine` as :data:`Parts` (inference path): nothing is concatenated; zero noise is ``None``."""
+    parts: Parts = [(x, x.shape[1])]
+    if f is not None:
+        fr = _resize_nearest(f, tuple(x.shape[-2:]))
+        parts.append((fr.to(x.dtype), fr.shape[1]))
+    if ncat_c > 0:
+        noise = None
+        if ncat_s != 0:
+            noise = torch.randn((x.shape[0], ncat_c, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device) * ncat_s
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        parts.append((noise, ncat_c))
+    return parts
 
 
 class UPLiFTEncoder(nn.Module):
@@ -344,12 +447,11 @@ class UPLiFTDecoder(nn.Module):
         self.out_channels = c
 
     def forward(self, x: torch.Tensor, enc: Sequence[torch.Tensor], fast: bool = False) -> torch.Tensor:
-        x = noise_and_combine(x, enc[-1], self.ncat_c, self.ncat_s)
-        x = self.block_0(x, fast=fast)
+        combine = noise_and_combine_parts if fast else noise_and_combine
+        x = self.block_0(combine(x, enc[-1], self.ncat_c, self.ncat_s), fast=fast)
         for i in range(1, self.up_steps + 1):
             x = getattr(self, f"up_{i}")(x, fast=fast)
-            x = noise_and_combine(x, enc[-1 - i], self.ncat_c, self.ncat_s)
-            x = getattr(self, f"block_{i}")(x, fast=fast)
+            x = getattr(self, f"block_{i}")(combine(x, enc[-1 - i], self.ncat_c, self.ncat_s), fast=fast)
         return x
 
 
@@ -370,45 +472,209 @@ def local_attend_reference(x: torch.Tensor, attn: torch.Tensor, offsets: Sequenc
     return (attn.unsqueeze(2) * nb).sum(1)
 
 
-def local_attend_fast(x: torch.Tensor, attn_last: torch.Tensor, offsets: Sequence[Tuple[int, int]],
-                      contiguous_out: bool = False, chunk_elems: int = 1 << 24) -> torch.Tensor:
-    """Same result as :func:`local_attend_reference`, without high-resolution copies of the neighbours.
+def _offset_runs(offsets: Sequence[Tuple[int, int]]) -> Tuple[Tuple[int, int, int, int, int], ...]:
+    """Split the neighbourhood into runs ``(first channel, count, dy, first dx, dx step)``: consecutive channels on one
+    low-res row with evenly spaced dx, so that a run's neighbours are one strided view of the map."""
+    runs: List[Tuple[int, int, int, int, int]] = []
+    for d, (dy, dx) in enumerate(offsets):
+        if runs:
+            d0, k, rdy, dx0, st = runs[-1]
+            step = dx - dx0 if k == 1 else st
+            if rdy == dy and step > 0 and dx == dx0 + k * step:
+                runs[-1] = (d0, k + 1, dy, dx0, step)
+                continue
+        runs.append((d, 1, dy, dx, 1))
+    return tuple(runs)
 
-    ``attn_last`` is (B, H, W, n) (channels-last softmax weights).  The output is built one block of low-res rows at
-    a time (a few MB, cache resident): for each offset d the replication-padded low-res map is only *viewed* at that
-    shift, broadcast over the I x J sub-pixels of each cell and accumulated with its weight.  Returns (B, C, H, W),
-    in channels-last memory format unless ``contiguous_out``."""
-    B, C, h, w = x.shape
-    H, W, n = attn_last.shape[1:]
-    I, J = H // h, W // w
-    p = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
-    xp = F.pad(x, (p, p, p, p), mode="replicate").permute(0, 2, 3, 1)  # B, h+2p, w+2p, C
-    if not xp.is_contiguous():
-        xp = xp.contiguous()
-    dtype = torch.result_type(attn_last, x)
-    av = attn_last.reshape(B, h, I, w, J, n)
-    rows = max(1, min(h, chunk_elems // max(1, B * I * W * C)))
-    if contiguous_out:
-        out = torch.empty((B, C, H, W), dtype=dtype, device=x.device)
-        out_rows = out.view(B, C, h, I * W)
-        buf = torch.empty((B, rows, I, w, J, C), dtype=dtype, device=x.device)
-    else:
-        out = torch.empty((B, h, I, w, J, C), dtype=dtype, device=x.device)
-    for r0 in range(0, h, rows):
-        r1 = min(h, r0 + rows)
-        oc = buf[:, :r1 - r0] if contiguous_out else out[:, r0:r1]
-        ac = av[:, r0:r1]
-        for d, (dy, dx) in enumerate(offsets):
-            xs = xp[:, p + dy + r0:p + dy + r1, None, p + dx:p + dx + w, None, :]  # B, R, 1, w, 1, C
-            if d == 0:
-                torch.mul(ac[..., 0:1], xs, out=oc)
-            else:
-                oc.addcmul_(ac[..., d:d + 1], xs)
-        if contiguous_out:
-            out_rows[:, :, r0:r1].copy_(oc.reshape(B, r1 - r0, I * W, C).permute(0, 3, 1, 2))
-    if contiguous_out:
+
+def _cell_weights(attn_last: torch.Tensor, I: int, J: int) -> torch.Tensor:
+    """(B, H, W, n) softmax weights -> (B, h, w, J*I, n): the J x I sub-pixels of each low-res cell together."""
+    B, H, W, n = attn_last.shape
+    h, w = H // I, W // J
+    return attn_last.reshape(B, h, I, w, J, n).permute(0, 1, 3, 4, 2, 5).reshape(B, h, w, J * I, n)
+
+
+@functools.lru_cache(maxsize=32)
+def _resize_taps(n_in: int, n_out: int) -> Tuple[Tuple[int, ...], Tuple[int, ...], torch.Tensor]:
+    """One axis of :func:`_resize_bilinear_aa` as taps: output o reads inputs [first[o], last[o]) with weights
+    ``taps[o, :last[o] - first[o]]`` (float32, zero-padded).  The weights are taken from PyTorch itself: one-hot
+    columns resized along that axis (the other axis keeps its size, which the filter leaves unchanged; it is kept
+    at 2 or more, as a width of 1 does not resize like the rest), so they are exactly the ones the plain resize uses."""
+    blk = max(2, min(n_in, max(1, (1 << 22) // max(n_in, n_out))))
+    cols = []
+    for k0 in range(0, n_in, blk):
+        k1 = min(n_in, k0 + blk)
+        onehot = torch.zeros((1, 1, n_in, max(2, k1 - k0)))
+        onehot[0, 0, torch.arange(k0, k1), torch.arange(k1 - k0)] = 1
+        cols.append(_resize_bilinear_aa(onehot, (n_out, onehot.shape[-1]))[0, 0, :, :k1 - k0])
+    m = torch.cat(cols, 1)  # (n_out, n_in)
+    nz = m != 0
+    first = nz.to(torch.int8).argmax(1)
+    last = n_in - nz.flip(1).to(torch.int8).argmax(1)
+    span = int((last - first).max())
+    idx = (first[:, None] + torch.arange(span)).clamp_(max=n_in - 1)
+    taps = torch.where(torch.arange(span) < (last - first)[:, None], m.gather(1, idx), torch.zeros(()))
+    return tuple(first.tolist()), tuple(last.tolist()), taps
+
+
+def _taps_dense(first: Sequence[int], last: Sequence[int], taps: torch.Tensor, o0: int, o1: int,
+                k0: int, k1: int) -> torch.Tensor:
+    """Rows [o0, o1), input columns [k0, k1) of the dense weight matrix."""
+    m = torch.zeros((o1 - o0, k1 - k0), dtype=taps.dtype)
+    for o in range(o0, o1):
+        m[o - o0, first[o] - k0:last[o] - k0] = taps[o, :last[o] - first[o]]
+    return m
+
+
+@functools.lru_cache(maxsize=32)
+def _resize_csr(n_in: int, n_out: int) -> torch.Tensor:
+    """The whole (n_out, n_in) weight matrix of :func:`_resize_taps`, sparse CSR."""
+    first, last, taps = _resize_taps(n_in, n_out)
+    count = torch.tensor(last) - torch.tensor(first)
+    crow = torch.cat([torch.zeros(1, dtype=torch.long), count.cumsum(0)])
+    keep = torch.arange(taps.shape[1]) < count[:, None]
+    col = (torch.tensor(first)[:, None] + torch.arange(taps.shape[1]))[keep]
+    with warnings.catch_warnings():  # CSR support is flagged as beta; the matmul used here is long-standing
+        warnings.simplefilter("ignore")
+        # int32 indices: what the CPU sparse matmul uses, so it does not convert them on every call
+        return torch.sparse_csr_tensor(crow.int(), col.int(), taps[keep], (n_out, n_in))
+
+
+# Cell-major scratch block of :meth:`_NeighbourMix.full` (elements); timings are flat from 2^19 to 2^21.
+_CELL_BLOCK_ELEMS = 1 << 20
+
+
+class _NeighbourMix:
+    """The Local Attender's convex combination, low-res cell by low-res cell.
+
+    All J x I sub-pixels of a cell mix the same n neighbours, so a cell's output is a (J*I x n) @ (n x C) product.
+    Away from the left / right borders, each run of neighbours on one row (see :func:`_offset_runs`) is an
+    overlapping strided *view* of the channels-last map (batch stride = one pixel), so a low-res row costs one
+    batched matmul per run, nothing is gathered or padded, and the partial sums stay in cache.  Replication padding
+    is index clamping: the rows of a run are clamped, and the few border cells gather their clamped neighbours.
+    Rows come out cell-major, (w, J, I, C)."""
+
+    def __init__(self, x: torch.Tensor, a_cells: torch.Tensor, offsets: Sequence[Tuple[int, int]]):
+        self.B, self.C, self.h, self.w = B, C, h, w = x.shape
+        dtype = torch.result_type(a_cells, x)
+        xl = x.to(dtype).permute(0, 2, 3, 1)  # B, h, w, C
+        self.x = xl if xl.is_contiguous() else xl.contiguous()
+        self.a = a_cells.to(dtype)
+        self.runs = _offset_runs(offsets)
+        dys = torch.tensor([dy for dy, _ in offsets], device=x.device)
+        dxs = torch.tensor([dx for _, dx in offsets], device=x.device)
+        left, right = max(0, -int(dxs.min())), max(0, int(dxs.max()))
+        if w > left + right:
+            self.inner = (left, w - right)
+            segments = [(0, left), (w - right, w)]
+        else:
+            self.inner = (0, 0)
+            segments = [(0, w)]
+        rows = (torch.arange(h, device=x.device)[:, None] + dys).clamp_(0, h - 1)  # h, n
+        self.edges = []  # (first cell, past-the-last cell, flat neighbour indices per row (h, cells * n))
+        for c0, c1 in segments:
+            if c1 > c0:
+                cols = (torch.arange(c0, c1, device=x.device)[:, None] + dxs).clamp_(0, w - 1)  # cells, n
+                self.edges.append((c0, c1, (rows[:, None, :] * w + cols).reshape(h, -1)))
+
+    def row(self, b: int, r: int, out: torch.Tensor) -> torch.Tensor:
+        """Low-res row ``r`` of batch item ``b`` into ``out`` (w, J*I, C)."""
+        x, h, C = self.x, self.h, self.C
+        a = self.a[b, r]
+        j0, j1 = self.inner
+        if j1 > j0:
+            sb, sr, sc, _ = x.stride()
+            base = x.storage_offset() + b * sb + j0 * sc
+            o, ai = out[j0:j1], a[j0:j1]
+            for q, (d0, k, dy, dx0, st) in enumerate(self.runs):
+                rr = min(max(r + dy, 0), h - 1)
+                nb = x.as_strided((j1 - j0, k, C), (sc, st * sc, 1), base + rr * sr + dx0 * sc)
+                if q == 0:
+                    torch.bmm(ai[:, :, d0:d0 + k], nb, out=o)
+                else:
+                    o.baddbmm_(ai[:, :, d0:d0 + k], nb)
+        for c0, c1, idx in self.edges:
+            nb = x[b].view(-1, C).index_select(0, idx[r]).view(c1 - c0, -1, C)
+            torch.bmm(a[c0:c1], nb, out=out[c0:c1])
         return out
-    return out.view(B, H, W, C).permute(0, 3, 1, 2)
+
+    def full(self, I: int, J: int, chunk_elems: int) -> torch.Tensor:
+        """The whole (B, C, H, W) map in channels-last memory format."""
+        B, C, h, w = self.B, self.C, self.h, self.w
+        out = torch.empty((B, h, I, w, J, C), dtype=self.x.dtype, device=self.x.device)
+        rows = max(1, min(h, chunk_elems // max(1, w * I * J * C)))
+        buf = torch.empty((rows, w, J, I, C), dtype=out.dtype, device=out.device)
+        for b in range(B):
+            for r0 in range(0, h, rows):
+                r1 = min(h, r0 + rows)
+                for r in range(r0, r1):
+                    self.row(b, r, buf[r - r0].view(w, J * I, C))
+                out[b, r0:r1].copy_(buf[:r1 - r0].permute(0, 3, 1, 2, 4))  # cell-major -> row-major
+        return out.view(B, h * I, w * J, C).permute(0, 3, 1, 2)
+
+    def resized(self, I: int, J: int, size: Tuple[int, int], rows_per_block: int = 8) -> torch.Tensor:
+        """``_resize_bilinear_aa(full map, size)`` without ever holding the full map (channels-last output).
+
+        The resize is separable.  Horizontal pass: each finished high-res row (a strided (W, C) view of the cell-major
+        row) times the sparse (Wo x W) weight matrix, into a small rolling buffer of resized rows.  Vertical pass:
+        each output row is a weighted sum of the few buffered rows it covers, written as soon as they exist."""
+        B, C, h, w = self.B, self.C, self.h, self.w
+        H, W = h * I, w * J
+        Ho, Wo = size
+        dev, dt = self.x.device, self.x.dtype
+        lo_h, hi_h, taps_h = _resize_taps(H, Ho)
+        mw = _resize_csr(W, Wo).to(device=dev, dtype=dt)
+        # vertical pass in blocks of output rows: one small dense matmul each (zero weights outside a row's taps)
+        blocks = []
+        for o0 in range(0, Ho, rows_per_block):
+            o1 = min(Ho, o0 + rows_per_block)
+            lo, hi = min(lo_h[o0:o1]), max(hi_h[o0:o1])
+            blocks.append((o0, o1, lo, hi, _taps_dense(lo_h, hi_h, taps_h, o0, o1, lo, hi).to(device=dev, dtype=dt)))
+        keep_from = [blk[2] for blk in blocks] + [H]  # first input row that any block >= q still needs
+        for q in range(len(blocks) - 1, -1, -1):
+            keep_from[q] = min(keep_from[q], keep_from[q + 1])
+        cap = 2 * (max(blk[3] - blk[2] for blk in blocks) + I)
+        out = torch.empty((B, Ho, Wo, C), dtype=dt, device=dev)
+        zbuf = torch.empty((cap, Wo * C), dtype=dt, device=dev)  # horizontally resized rows [base, done)
+        cell = torch.empty((w, J, I, C), dtype=dt, device=dev)
+        for b in range(B):
+            base = done = q = 0
+            for r in range(h):
+                if done + I - base > cap:  # slide the rows still needed to the front
+                    k = keep_from[q]
+                    if done > k:
+                        zbuf[:done - k].copy_(zbuf[k - base:done - base].clone())
+                    base = k
+                self.row(b, r, cell.view(w, J * I, C))
+                for i in range(I):
+                    zbuf[done - base].view(Wo, C).addmm_(mw, cell[:, :, i].reshape(W, C), beta=0)
+                    done += 1
+                while q < len(blocks) and blocks[q][3] <= done:
+                    o0, o1, lo, hi, mh = blocks[q]
+                    torch.mm(mh, zbuf[lo - base:hi - base], out=out[b, o0:o1].view(o1 - o0, Wo * C))
+                    q += 1
+        return out.permute(0, 3, 1, 2)
+
+
+def local_attend_fast(x: torch.Tensor, attn_last: torch.Tensor, offsets: Sequence[Tuple[int, int]],
+                      size: Optional[Tuple[int, int]] = None, chunk_elems: int = _CELL_BLOCK_ELEMS) -> torch.Tensor:
+    """Same result as :func:`local_attend_reference` (followed by ``_resize_bilinear_aa(., size)`` when ``size`` is
+    given and differs from the native size), without high-resolution copies of the neighbours; see
+    :class:`_NeighbourMix`.  ``attn_last`` is (B, H, W, n) (channels-last softmax weights).  Returns a (B, C, H, W)
+    tensor in channels-last memory format; ``chunk_elems`` bounds the cell-major scratch block."""
+    h, w = x.shape[-2:]
+    H, W = attn_last.shape[1:3]
+    return _attend(x, _cell_weights(attn_last, H // h, W // w), offsets, H // h, W // w, size, chunk_elems)
+
+
+def _attend(x: torch.Tensor, a_cells: torch.Tensor, offsets: Sequence[Tuple[int, int]], I: int, J: int,
+            size: Optional[Tuple[int, int]], chunk_elems: int = _CELL_BLOCK_ELEMS) -> torch.Tensor:
+    mix = _NeighbourMix(x, a_cells, offsets)
+    if size is None or tuple(size) == (x.shape[-2] * I, x.shape[-1] * J):
+        return mix.full(I, J, chunk_elems)
+    if size[1] == 1:  # not separable there (see _resize_bilinear_aa)
+        return _resize_bilinear_aa(mix.full(I, J, chunk_elems), size)
+    return mix.resized(I, J, tuple(size))
 
 
 class LocalAttender(nn.Module):
@@ -424,20 +690,26 @@ class LocalAttender(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, num_connected, 1)
 
     def logits(self, guide: torch.Tensor, fast: bool = False) -> torch.Tensor:
-        z = _conv(guide, self.conv1.weight, self.conv1.bias, 1, 0, True) if fast else self.conv1(guide)
-        if self.conv_res:
-            z = _residual_auto_(guide, z) if fast else residual_auto(guide, z)
-        return z
+        if not fast:
+            z = self.conv1(guide)
+            return residual_auto(guide, z) if self.conv_res else z
+        if self.conv_res and guide.permute(0, 2, 3, 1).is_contiguous():
+            return _linear_residual(guide, self.conv1.weight, self.conv1.bias, [(guide, guide.shape[1])])
+        z = _conv(guide, self.conv1.weight, self.conv1.bias, 1, 0, True)
+        return _residual_auto_(guide, z) if self.conv_res else z
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor, fast: bool = False,
-                contiguous_out: bool = False) -> torch.Tensor:
+                size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """``size`` (fast path only): resize the result to it (antialiased bilinear) on the fly."""
         (h, w), (H, W) = x.shape[-2:], guide.shape[-2:]
         if H % h or W % w:
             raise UpbenchError(f"UPLiFT attender: high-res size {(H, W)} is not an integer multiple of {(h, w)}")
+        if fast and guide.dtype != x.dtype:
+            guide = guide.to(x.dtype)  # logits, softmax and the mix at the features' precision
         z = self.logits(guide, fast)
         if fast:
-            a = torch.softmax(z.permute(0, 2, 3, 1).contiguous(), dim=-1)
-            return local_attend_fast(x, a, self.offsets, contiguous_out=contiguous_out)
+            a = torch.softmax(_cell_weights(z.permute(0, 2, 3, 1), H // h, W // w), dim=-1)
+            return _attend(x, a, self.offsets, H // h, W // w, size)
         return local_attend_reference(x, torch.softmax(z, dim=1), self.offsets)
 
 
@@ -460,7 +732,12 @@ def _as_dtype(dtype: Any) -> Optional[torch.dtype]:
 
 def _resize_bilinear_aa(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """torchvision ``resize`` (bilinear, antialias on) for float tensors."""
-    return F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False, antialias=True)
+    size = tuple(int(s) for s in size)
+    if size[1] == 1:
+        # PyTorch resizes a contiguous map to width 1 differently from a channels-last one (the former is not the
+        # separable filter); the reference path and the official code see contiguous maps, so use that layout
+        x = x.contiguous()
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def _hf(name: str) -> WeightSource:
@@ -473,14 +750,18 @@ class UPLiFT(Upsampler):
     """UPLiFT with the official module layout.
 
     ``UPLiFT(in_channels=384, patch_size=14, config=None, iters=None, low_mem=False, dtype=None,
-    image_mean=None, image_std=None, fast=True)``
+    image_mean=None, image_std=None, fast=True, compute_dtype=None)``
 
     * ``config``: a config name (``uplift_dinov2-s14``, ``uplift_dinov3-splus16``, ``uplift_sd1.5vae``), a YAML path,
       or a mapping (a whole config or just its ``uplift:`` section).  Default: chosen from ``patch_size``.
     * ``iters``: fixed number of 2x steps for :meth:`forward`; ``None`` picks it from the requested output size.
     * ``image_mean`` / ``image_std``: the normalisation the guidance image must carry (ImageNet for DINO backbones;
       the official code uses 0.5 / 0.5 for non-DINO timm backbones).
-    * ``fast``: use the folded / channels-last / low-res-gather inference path in eval mode (same numbers).
+    * ``fast``: use the inference path in eval mode (folded BatchNorm, channels-last, no concatenations, a
+      row-by-row attender with the output resize folded in; same numbers, see the module docstring).
+    * ``compute_dtype``: opt-in reduced precision for that path, e.g. ``"bfloat16"``: the encoder and decoder
+      (convolutions, ~85% of the time) run in it, while the attender's logits, softmax and mix stay in the
+      features' precision, as does the output.  ``None`` (default): the parameters' dtype throughout.
 
     Official-style API: :meth:`enable_iterative`, :meth:`return_steps`, :meth:`forward_official`
     (``model(img, feats, outsize)`` semantics); harness API: :meth:`forward`, :meth:`forward_steps`.
@@ -502,7 +783,8 @@ class UPLiFT(Upsampler):
     def __init__(self, in_channels: int = 384, patch_size: int = 14,
                  config: Union[None, str, os.PathLike, Mapping[str, Any]] = None, iters: Optional[int] = None,
                  low_mem: bool = False, dtype: Any = None, image_mean: Optional[Sequence[float]] = None,
-                 image_std: Optional[Sequence[float]] = None, fast: bool = True, cfg: Any = None, **_: Any):
+                 image_std: Optional[Sequence[float]] = None, fast: bool = True, compute_dtype: Any = None,
+                 cfg: Any = None, **_: Any):
         super().__init__()
         if config is None:
             config = cfg
@@ -521,6 +803,7 @@ class UPLiFT(Upsampler):
         self.iters = None if iters is None else int(iters)
         self.low_mem = bool(low_mem)
         self.fast = bool(fast)
+        self.compute_dtype = _as_dtype(compute_dtype)
         self._return_steps = False
         if image_mean is not None:
             self.image_mean = tuple(float(v) for v in image_mean)
@@ -582,17 +865,29 @@ class UPLiFT(Upsampler):
             g = math.gcd(g, math.gcd(EH // rh, EW // rw))
         return max(1, g)
 
-    def _step(self, x: torch.Tensor, enc: Sequence[torch.Tensor], fast: bool, last: bool = False) -> torch.Tensor:
-        guide = self.decoder(x, enc, fast=fast)
-        # the last step's map leaves the model (and may be resized): plain contiguous layout there
-        y = self.attender(x, guide, fast=fast, contiguous_out=last and self.refiner is None)
+    def _step(self, x: torch.Tensor, enc: Sequence[torch.Tensor], fast: bool,
+              size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """One decoder / attender (/ refiner) step; ``size`` resizes its output (antialiased bilinear).  Without a
+        refiner the fast path folds that resize into the attender, so the native-size map is never held whole."""
+        guide = self.decoder(x.to(enc[0].dtype), enc, fast=fast)
+        fuse = fast and self.refiner is None
+        y = self.attender(x, guide, fast=fast, size=size if fuse else None)
         if self.refiner is not None:
-            r = noise_and_combine(y, enc[self.ref_con], self.ref_ncat_c, self.ref_ncat_s)
-            y = self.ref_outc(self.refiner(r, fast=fast))
+            if fast:
+                r = noise_and_combine_parts(y.to(enc[0].dtype), enc[self.ref_con], self.ref_ncat_c, self.ref_ncat_s)
+                r = self.refiner(r, fast=True)
+                y = _conv(r, self.ref_outc.weight, self.ref_outc.bias, 1, 0, True).to(x.dtype)
+            else:
+                r = noise_and_combine(y, enc[self.ref_con], self.ref_ncat_c, self.ref_ncat_s)
+                y = self.ref_outc(self.refiner(r))
+        if size is not None and tuple(y.shape[-2:]) != tuple(size):
+            y = _resize_bilinear_aa(y, size)
         return y
 
-    def run_steps(self, enc_image: torch.Tensor, features: torch.Tensor, iters: int) -> List[torch.Tensor]:
-        """Encoder once on ``enc_image`` (already at encoder resolution), then ``iters`` decoder/attender steps."""
+    def run_steps(self, enc_image: torch.Tensor, features: torch.Tensor, iters: int,
+                  size: Optional[Tuple[int, int]] = None) -> List[torch.Tensor]:
+        """Encoder once on ``enc_image`` (already at encoder resolution), then ``iters`` decoder/attender steps;
+        ``size``: the last step's output is resized to it."""
         if iters < 1:
             raise UpbenchError(f"UPLiFT: iters must be >= 1, got {iters}")
         fast = self._use_fast()
@@ -600,13 +895,13 @@ class UPLiFT(Upsampler):
         img, x = enc_image.to(dt), features.to(dt)
         stride = 1
         if fast:
-            img = img.contiguous(memory_format=torch.channels_last)
+            img = img.to(self.compute_dtype or dt).contiguous(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
             stride = self._enc_last_stride(tuple(img.shape[-2:]), tuple(x.shape[-2:]), iters)
         enc = self.encoder(img, last_stride=stride, fast=fast)
         steps = []
         for i in range(iters):
-            x = self._step(x, enc, fast, last=i == iters - 1)
+            x = self._step(x, enc, fast, size=size if i == iters - 1 else None)
             steps.append(x)
         return steps
 
@@ -620,9 +915,9 @@ class UPLiFT(Upsampler):
     def forward_official(self, image: torch.Tensor, features: torch.Tensor, outsize: Any = None):
         """``UPLiFT.forward(img, feats, outsize)`` of the official code: ``self.iters`` steps (1 if unset); the
         list of steps when :meth:`return_steps` is on; ``outsize`` resizes the final map (and wins over steps)."""
-        steps = self.run_steps(self.prescale(image), features, self.iters or 1)
         if outsize is not None:
-            return _resize_bilinear_aa(steps[-1], as_size(outsize))
+            return self.run_steps(self.prescale(image), features, self.iters or 1, size=as_size(outsize))[-1]
+        steps = self.run_steps(self.prescale(image), features, self.iters or 1)
         if self._return_steps:
             return steps
         return steps[-1]
@@ -667,9 +962,7 @@ class UPLiFT(Upsampler):
             output_size = tuple(image.shape[-2:])
         size = as_size(output_size)
         k = self.steps_for((h, w), size)
-        y = self.run_steps(self.encoder_image(image, (h, w)), features, k)[-1]
-        if tuple(y.shape[-2:]) != size:
-            y = _resize_bilinear_aa(y, size)
+        y = self.run_steps(self.encoder_image(image, (h, w)), features, k, size=size)[-1]
         return y.to(features.dtype)
 
     # ------------------------------------------------------------------ official constructor / call (golden data)

@@ -73,6 +73,26 @@ class SegDataset(torch.utils.data.Dataset):
                 "id": Path(img_path).stem}
 
 
+class GeneratedItems:
+    """Mixin for embedded sets whose items are made on demand by ``make(i)`` and kept (they are small)."""
+
+    num_images: int = 0
+
+    def make(self, i: int) -> Dict[str, object]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, i: int) -> Dict[str, object]:
+        if not 0 <= i < self.num_images:
+            raise IndexError(i)
+        items = self.__dict__.setdefault("_items", {})
+        if i not in items:
+            items[i] = self.make(i)
+        return items[i]
+
+
 def list_images(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in IMAGE_EXTS) if folder.is_dir() else []
 

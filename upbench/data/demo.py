@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import DATASETS, SegDataset
+from .base import DATASETS, GeneratedItems, SegDataset
 
 CLASSES: List[Tuple[str, str]] = [  # (class name, skimage.data function)
     ("grass", "grass"),
@@ -29,7 +29,8 @@ SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
 @lru_cache(maxsize=None)
-def _texture(source: str) -> np.ndarray:
+def skimage_texture(source: str) -> np.ndarray:
+    """An RGB uint8 photo that ships inside scikit-image (grey ones repeated to three channels)."""
     from skimage import data
 
     arr = getattr(data, source)()
@@ -39,7 +40,7 @@ def _texture(source: str) -> np.ndarray:
 
 
 def _texture_crop(rng: np.random.Generator, source: str, size: int) -> np.ndarray:
-    tex = _texture(source)
+    tex = skimage_texture(source)
     h, w = tex.shape[:2]
     side = int(min(h, w) * rng.uniform(0.45, 0.9))
     y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
@@ -85,7 +86,7 @@ def make_item(seed: int, split: str, index: int, size: int) -> Tuple[np.ndarray,
 
 
 @DATASETS.register("demo")
-class DemoSegmentation(SegDataset):
+class DemoSegmentation(GeneratedItems, SegDataset):
     name = "demo"
     num_classes = len(CLASSES)
 
@@ -93,16 +94,8 @@ class DemoSegmentation(SegDataset):
         super().__init__([], img_size)
         self.split, self.seed = split, seed
         self.num_images = int(num_images)
-        self._items: Dict[int, Dict[str, object]] = {}
 
-    def __len__(self) -> int:
-        return self.num_images
-
-    def __getitem__(self, i: int) -> Dict[str, object]:
-        if not 0 <= i < self.num_images:
-            raise IndexError(i)
-        if i not in self._items:
-            image, label = make_item(self.seed, self.split, i, self.img_size)
-            self._items[i] = {"image": torch.from_numpy(image.transpose(2, 0, 1).copy()),
-                              "label": torch.from_numpy(label), "id": f"demo_{self.split}_{i:04d}"}
-        return self._items[i]
+    def make(self, i: int) -> Dict[str, object]:
+        image, label = make_item(self.seed, self.split, i, self.img_size)
+        return {"image": torch.from_numpy(image.transpose(2, 0, 1).copy()), "label": torch.from_numpy(label),
+                "id": f"demo_{self.split}_{i:04d}"}

@@ -1,0 +1,158 @@
+"""Depth linear probe (the JAFAR / Probe3D protocol): frozen backbone + frozen upsampler, a 1x1-conv "bin" head
+(256 linear bins over [1e-3, 10], ReLU + 0.1, normalised, expectation), SigLoss + 0.5 x multi-scale gradient
+loss, AdamW; per-image depth metrics averaged over the validation images."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from upbench.errors import UpbenchError
+
+from . import register
+from .common import FeatureSource, timing_summary, train_probe
+
+MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0
+METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "log_rmse", "log10", "silog")
+
+
+class BinDepthHead(nn.Module):
+    """Conv1x1(in -> bins); ReLU + 0.1, normalised over the bins; expectation over linearly spaced bin centres."""
+
+    def __init__(self, in_channels: int, bins: int = 256, min_depth: float = MIN_DEPTH, max_depth: float = MAX_DEPTH):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, bins, 1)
+        self.register_buffer("centres", torch.linspace(min_depth, max_depth, bins).view(1, bins, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = F.relu(self.conv(x)) + 0.1
+        p = p / p.sum(1, keepdim=True)
+        return (p * self.centres).sum(1, keepdim=True)
+
+
+def valid_mask(gt: torch.Tensor, max_depth: float = MAX_DEPTH) -> torch.Tensor:
+    return (gt > 0) & (gt <= max_depth)
+
+
+def sig_loss(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, warmup: bool = False,
+             variance_focus: float = 0.15, eps: float = 1e-3) -> torch.Tensor:
+    """Scale-invariant log loss (AdaBins): sqrt(var(g) + 0.15 mean(g)^2), g = log(pred+eps) - log(gt+eps) over
+    the valid pixels; during warm-up only sqrt(0.15 mean(g)^2)."""
+    g = torch.log(pred[mask] + eps) - torch.log(gt[mask] + eps)
+    if g.numel() < 2:
+        return pred.sum() * 0.0
+    if warmup:
+        return torch.sqrt(variance_focus * g.mean() ** 2)
+    return torch.sqrt(torch.var(g) + variance_focus * g.mean() ** 2)
+
+
+def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, scales: int = 4,
+                  eps: float = 1e-3) -> torch.Tensor:
+    """Multi-scale gradient matching of the log-depth difference (MegaDepth): at scales 1, 2, 4, 8 the mean
+    absolute horizontal and vertical differences of d = log(pred) - log(gt) between neighbouring valid pixels."""
+    total = pred.new_zeros(())
+    for s in range(scales):
+        step = 2 ** s
+        p, g, m = pred[..., ::step, ::step], gt[..., ::step, ::step], mask[..., ::step, ::step].float()
+        n = m.sum()
+        if n < 1:
+            continue
+        d = (torch.log(p + eps) - torch.log(g + eps)) * m
+        gx = (d[..., :, 1:] - d[..., :, :-1]).abs() * m[..., :, 1:] * m[..., :, :-1]
+        gy = (d[..., 1:, :] - d[..., :-1, :]).abs() * m[..., 1:, :] * m[..., :-1, :]
+        total = total + (gx.sum() + gy.sum()) / n
+    return total
+
+
+def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, min_depth: float = MIN_DEPTH,
+                  max_depth: float = MAX_DEPTH) -> Optional[Dict[str, float]]:
+    """Metrics of one image on the pixels with min_depth < gt < max_depth (None when there are none):
+    delta_k = % of max(gt/pred, pred/gt) < 1.25^k; abs_rel; sq_rel; RMSE; log-RMSE; log10; SILog (x100)."""
+    m = (gt > min_depth) & (gt < max_depth)
+    if not m.any():
+        return None
+    p, g = pred[m].double().clamp_min(min_depth), gt[m].double()
+    ratio = torch.maximum(g / p, p / g)
+    err = torch.log(p) - torch.log(g)
+    return {
+        "d1": (ratio < 1.25).double().mean().item() * 100,
+        "d2": (ratio < 1.25 ** 2).double().mean().item() * 100,
+        "d3": (ratio < 1.25 ** 3).double().mean().item() * 100,
+        "abs_rel": ((g - p).abs() / g).mean().item(),
+        "sq_rel": ((g - p) ** 2 / g).mean().item(),
+        "rmse": math.sqrt(((g - p) ** 2).mean().item()),
+        "log_rmse": math.sqrt((err ** 2).mean().item()),
+        "log10": (torch.log10(p) - torch.log10(g)).abs().mean().item(),
+        "silog": math.sqrt(max(0.0, (err ** 2).mean().item() - err.mean().item() ** 2)) * 100,
+    }
+
+
+def _to_size(pred: torch.Tensor, size) -> torch.Tensor:
+    if tuple(pred.shape[-2:]) == tuple(size):
+        return pred
+    return F.interpolate(pred, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def head_input(source: FeatureSource, item: Dict[str, Any], flip: bool, size, use_cls: bool) -> torch.Tensor:
+    """Upsampled features, optionally concatenated with the L2-normalised CLS token broadcast to every pixel."""
+    feats = source.high_res(item, flip, size)
+    if not use_cls:
+        return feats
+    _, prefix = source.low_res(item, flip)
+    if prefix.shape[0] == 0:
+        raise UpbenchError(f"backbone '{source.backbone.name}' has no CLS token; use task.probe.cls_token=false")
+    cls = F.normalize(prefix[0].float(), dim=0).to(feats.device)
+    return torch.cat([feats, cls[:, None, None].expand(-1, *feats.shape[-2:])], 0)
+
+
+@register("depth")
+def run_depth(cfg: Dict[str, Any], backbone, upsampler, train_set, val_set, device: torch.device, cache,
+              log=print) -> Dict[str, Any]:
+    if getattr(train_set, "kind", None) != "depth":
+        raise UpbenchError(f"task=depth needs a depth dataset (nyuv2, coco_depth, depth_folder, middlebury, "
+                           f"demo_depth); got '{getattr(train_set, 'name', type(train_set).__name__)}'")
+    probe_cfg = cfg["probe"]
+    use_cls = bool(probe_cfg["cls_token"])
+    size = (train_set.img_size, train_set.img_size)
+    source = FeatureSource(backbone, upsampler, device, cache, train_set.img_size, cfg["guidance_norm"],
+                           float(cfg["cache"]["upsampled_gb"]))
+    head = BinDepthHead(backbone.channels * (2 if use_cls else 1), int(probe_cfg["bins"]),
+                        float(probe_cfg["min_depth"]), float(probe_cfg["max_depth"])).to(device)
+    warmup_iters, grad_w = int(probe_cfg["sig_warmup_iters"]), float(probe_cfg["gradient_weight"])
+    max_depth = float(probe_cfg["max_depth"])
+
+    def batch_loss(items, flips, step):
+        x = torch.stack([head_input(source, it, f, size, use_cls) for it, f in zip(items, flips)]).to(device)
+        gt = torch.stack([it["depth"].flip(-1) if f else it["depth"] for it, f in zip(items, flips)])[:, None]
+        gt = gt.to(device)
+        pred = _to_size(head(x), gt.shape[-2:])
+        mask = valid_mask(gt, max_depth)
+        return sig_loss(pred, gt, mask, warmup=step < warmup_iters) + grad_w * gradient_loss(pred, gt, mask)
+
+    epoch_s, losses = train_probe(train_set, probe_cfg, head.parameters(), cfg["seed"], batch_loss, log)
+
+    per_image: List[Dict[str, float]] = []
+    with torch.inference_mode():
+        for i in range(len(val_set)):
+            item = val_set[i]
+            x = head_input(source, item, False, (val_set.img_size, val_set.img_size), use_cls)[None].to(device)
+            gt = item["depth"].to(device)
+            pred = _to_size(head(x), gt.shape[-2:])
+            m = depth_metrics(pred[0, 0], gt, float(probe_cfg["min_depth"]), max_depth)
+            if m is not None:
+                per_image.append(m)
+    if not per_image:
+        raise UpbenchError("depth: no validation image has ground truth inside (min_depth, max_depth)")
+    metrics = {k: sum(m[k] for m in per_image) / len(per_image) for k in METRICS}
+    metrics["final_train_loss"] = losses[-1] if losses else None
+    return {
+        "metrics": metrics,
+        "timing": {"upsampler_ms": timing_summary(source.upsampler_s), "backbone_ms": timing_summary(source.backbone_s),
+                   "probe_epoch_s": sum(epoch_s) / max(1, len(epoch_s)), "probe_epochs_s": epoch_s,
+                   "upsampled_cached": source.caches_upsampled},
+        "data": {"n_train": len(train_set), "n_val": len(val_set), "n_val_scored": len(per_image),
+                 "img_size": train_set.img_size, "head_input": "features+cls" if use_cls else "features"},
+    }

@@ -1,0 +1,179 @@
+"""upbench sweep scaling: the worker's measurements and limits, the orchestration (reuse, stop after a failure),
+the report's slopes / reach / tables / figure, and the CLI (including the --quick grid that CI runs)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from upbench import report, scaling
+from upbench.cli import compose
+from upbench.results import ResultStore
+from upbench.runner import to_container
+
+UPBENCH = [sys.executable, "-m", "upbench.cli"]
+
+
+def sweep_cfg(tmp_path, *overrides):
+    return to_container(compose([f"paths.results={tmp_path / 'results'}", *overrides], config_name="sweep/scaling"))
+
+
+def run_cli(args, tmp_path, timeout=600):
+    env = {**os.environ, "UPBENCH_RESULTS": str(tmp_path / "results"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(UPBENCH + args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------------ pure report parts
+@pytest.mark.parametrize("power", [1.0, 2.0, 0.5])
+def test_fit_slope_recovers_power_laws(power):
+    xs = [196, 441, 784, 1521, 2601]
+    assert report.fit_slope(xs, [3.0 * x ** power for x in xs]) == pytest.approx(power, abs=1e-9)
+    assert report.fit_slope([100], [5.0]) is None
+
+
+def fake_row(up, tokens, status="ok", ms=None, mb=None, family="local"):
+    return {"task": "scaling", "upsampler": up, "family": family, "backbone": "bb", "status": status,
+            "tokens": tokens, "size": int(tokens ** 0.5) * 16, "gflops": 1.0, "params": {"upsampler": 1000},
+            "timing": {"median_ms": ms, "iqr_ms": 0.5, "runs": 10 if status == "ok" else 1},
+            "memory": {"peak_mb": mb},
+            "config": {"device": {"type": "cpu", "name": "x"}, "dtype": "float32", "cpu_threads": 2,
+                       "memory_limit_gb": 8.0}}
+
+
+def test_summary_slopes_reach_and_stop_reason():
+    rows = [fake_row("local_up", n, ms=n * 0.1, mb=n * 2.0) for n in (100, 400, 1600)]
+    rows += [fake_row("xattn", 100, ms=1.0, mb=10.0, family="cross-attention"),
+             fake_row("xattn", 400, ms=16.0, mb=160.0, family="cross-attention"),
+             fake_row("xattn", 1600, status="oom", family="cross-attention")]
+    summ = report.scaling_summary(rows)
+    assert summ["local_up"]["time_slope"] == pytest.approx(1.0)
+    assert summ["local_up"]["memory_slope"] == pytest.approx(1.0)
+    assert summ["xattn"]["time_slope"] == pytest.approx(2.0)
+    assert summ["local_up"]["max_tokens"] == 1600 and summ["local_up"]["stopped"] == "–"
+    assert summ["xattn"]["max_tokens"] == 400 and summ["xattn"]["stopped"] == "OOM at 1600"
+    tables = report.scaling_tables(rows)
+    md = report.to_markdown(tables)
+    assert "| 1600 tok (640 px) | 160.0 (0.5) | OOM |" in md
+    assert "reach: local_up at least 4.00x the tokens of the best cross-attention method (xattn: 400, OOM at 1600)" in md
+    assert r"\toprule" in report.to_latex(tables)
+
+
+def test_time_limited_point_counts_for_memory_not_time():
+    rows = [fake_row("u", 100, ms=1.0, mb=10.0), fake_row("u", 400, ms=4.0, mb=40.0),
+            fake_row("u", 1600, status="time_limit", ms=999.0, mb=160.0)]
+    summ = report.scaling_summary(rows)
+    s = summ["u"]
+    assert "no cross-attention method failed" not in " ".join(report._reach_notes(summ))  # no cross-attention rows
+    assert s["time_slope"] == pytest.approx(1.0)  # the single-forward point is not in the time fit
+    assert s["memory_slope"] == pytest.approx(1.0)
+    assert s["max_tokens"] == 1600 and s["stopped"] == "time limit"
+    assert "999.0*" in report.to_markdown(report.scaling_tables(rows))
+
+
+def test_figure_is_written(tmp_path):
+    rows = [fake_row("a", n, ms=n * 0.1, mb=n * 2.0) for n in (100, 400)] + [fake_row("b", 100, ms=1, mb=3),
+                                                                           fake_row("b", 400, status="oom")]
+    png = report.scaling_figure(rows, str(tmp_path / "f.png"))
+    assert png and (tmp_path / "f.png").stat().st_size > 10_000
+    assert report.scaling_figure([], str(tmp_path / "g.png")) is None
+
+
+# ------------------------------------------------------------------------------------------------ the worker
+def test_point_measures_time_memory_and_flops(tmp_path):
+    s = scaling.resolve(sweep_cfg(tmp_path, "sizes=[128]", "warmup=3", "runs=4", "upsamplers=[bilinear]"))
+    pcfg = scaling.point_config(s, "bilinear", 128, scaling.device_label(s["device"]))
+    row = scaling.measure_point(pcfg, "k", "interpolation", s)
+    assert row["status"] == "ok", row["error"]
+    assert row["timing"]["runs"] == 4 and row["timing"]["warmup"] == 3 and len(row["timing"]["times_ms"]) == 4
+    assert row["timing"]["iqr_ms"] >= 0 and row["timing"]["median_ms"] > 0
+    out_mb = 384 * 128 * 128 * 4 / 2 ** 20  # the output tensor alone: 24 MB
+    assert out_mb * 0.9 < row["memory"]["peak_mb"] < out_mb * 4
+    assert row["tokens"] == 64 and row["device"]["threads"] == s["threads"]
+
+
+def test_memory_cap_gives_oom_row(tmp_path):
+    # a 512 px pixel-dense output of 384 channels is 384 MB, far over a 64 MB cap
+    s = scaling.resolve(sweep_cfg(tmp_path, "sizes=[512]", "memory_limit_gb=0.0625", "upsamplers=[bilinear]"))
+    pcfg = scaling.point_config(s, "bilinear", 512, scaling.device_label(s["device"]))
+    row = scaling.measure_point(pcfg, "k", "interpolation", s)
+    assert row["status"] == "oom", row
+    assert "allocate" in row["error"].lower() or "memory" in row["error"].lower()
+
+
+def test_time_limit_measures_once(tmp_path):
+    s = scaling.resolve(sweep_cfg(tmp_path, "sizes=[64]", "time_limit_s=0.000001", "upsamplers=[uplift]"))
+    pcfg = scaling.point_config(s, "uplift", 64, scaling.device_label(s["device"]))
+    row = scaling.measure_point(pcfg, "k", "local", s)
+    assert row["status"] == "time_limit" and row["timing"]["runs"] == 1
+    assert row["memory"]["peak_mb"] > 0 and row["gflops"] > 0
+
+
+def test_worker_crash_is_an_error_row_not_a_crash(tmp_path):
+    s = scaling.resolve(sweep_cfg(tmp_path, "sizes=[64]", "upsamplers=[uplift]", "+kwargs.uplift.config=nonexistent"))
+    pcfg = scaling.point_config(s, "uplift", 64, scaling.device_label(s["device"]))
+    row = scaling.measure_point(pcfg, "k", "local", s)
+    assert row["status"] == "error" and "nonexistent" in row["error"]
+
+
+# ------------------------------------------------------------------------------------------------ orchestration
+def test_sweep_reuses_rows_and_stops_after_oom(tmp_path):
+    # nearest at 128 px needs 24 MB of output, at 384 px 216 MB: a 96 MB cap stops it at 384, so 512 is not tried
+    cfg = sweep_cfg(tmp_path, "sizes=[128,384,512]", "upsamplers=[nearest]", "memory_limit_gb=0.09375",
+                    "warmup=1", "runs=2", "plot=false")
+    logs = []
+    rows = scaling.run_sweep(cfg, log=logs.append)
+    assert [r["status"] for r in rows] == ["ok", "oom"]
+    assert any("[skip]" in line and "[512]" in line for line in logs)
+    stored = ResultStore(str(tmp_path / "results")).rows()
+    assert len(stored) == 2
+    logs2 = []
+    again = scaling.run_sweep(cfg, log=logs2.append)
+    assert [r["config_hash"] for r in again] == [r["config_hash"] for r in rows]
+    assert sum("[done]" in line for line in logs2) == 2 and not any("[new]" in line for line in logs2)
+    assert len(ResultStore(str(tmp_path / "results")).rows()) == 2
+
+
+def test_unknown_upsampler_and_bad_sizes_are_clear_errors(tmp_path):
+    from upbench.errors import UpbenchError
+
+    with pytest.raises(UpbenchError, match="unknown upsampler.*bilnear"):
+        scaling.resolve(sweep_cfg(tmp_path, "upsamplers=[bilnear]"))
+    with pytest.raises(UpbenchError, match="sizes"):
+        scaling.resolve(sweep_cfg(tmp_path, "sizes=[8]"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sweep"], "which sweep?"),
+    (["sweep", "scalng"], "unknown sweep 'scalng'; sweeps: scaling"),
+    (["sweep", "scaling", "--fast"], "unknown option --fast"),
+    (["sweep", "scaling", "upsamplers=[bilnear]"], "unknown upsampler(s) bilnear"),
+    (["report", "--plot", "x.png"], "--plot needs --scaling"),
+])
+def test_cli_errors_are_one_line_exit_2(tmp_path, args, needle):
+    out = run_cli(args, tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_quick_sweep_every_upsampler_and_report(tmp_path):
+    """The CI run of ``upbench sweep scaling --quick``: every registered feature upsampler, table, slopes, PNG,
+    then ``upbench report --scaling`` reprints the same tables from the store."""
+    out = run_cli(["sweep", "scaling", "--quick"], tmp_path, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import upsamplers
+
+    names = [n for n in upsamplers.available() if n != "uplift_vae"]
+    rows = [r for r in ResultStore(str(tmp_path / "results")).rows() if r["task"] == "scaling"]
+    assert {r["upsampler"] for r in rows} == set(names)
+    assert all(r["status"] == "ok" for r in rows), [(r["upsampler"], r["status"], r["error"]) for r in rows]
+    assert len(rows) == 3 * len(names)
+    assert "Scaling summary" in out.stdout and "Time slope" in out.stdout
+    png = tmp_path / "results" / "scaling" / "scaling_dinov3_splus16_cpu.png"
+    assert png.stat().st_size > 10_000
+    rep = run_cli(["report", "--scaling", "--plot", str(tmp_path / "again.png")], tmp_path)
+    assert rep.returncode == 0
+    summary = rep.stdout[rep.stdout.index("### Scaling summary"):]
+    assert summary in out.stdout
+    again = run_cli(["sweep", "scaling", "--quick", "upsamplers=[bilinear]"], tmp_path)
+    assert again.returncode == 0 and "[done]" in again.stdout and "[new]" not in again.stdout

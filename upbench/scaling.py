@@ -1,0 +1,390 @@
+"""``upbench sweep scaling``: forward time, peak memory and FLOPs of upsamplers versus token count.
+
+Every (upsampler, size) point runs in a fresh worker process (``python -m upbench.scaling SPEC``), so that
+  * peak memory is the point's own: on CPU the rise of the worker's peak RSS (``VmHWM``, reset just before the
+    first forward) over its RSS with the model and inputs built; on GPU ``torch.cuda.max_memory_allocated``
+    over what was allocated before the forward;
+  * the memory cap binds one point only: on CPU an address-space limit (``RLIMIT_AS``) of the worker's size
+    plus the cap; on GPU the process's memory fraction;
+  * a crash, an out-of-memory kill or a hang loses one point, never the sweep.
+The first forward gives peak memory and a time estimate, the second (under ``torch.utils.flop_counter``) the
+FLOPs; both count as warm-ups.  The other warm-ups and the timed runs follow unless the first forward shows
+they would exceed the point's time limit.  Rows go to the
+same store as ``upbench run``; points with a row are not recomputed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import results
+from .errors import UpbenchError
+
+CPU_DEFAULTS = {"memory_limit_gb": 8.0, "time_limit_s": 60.0}
+GPU_DEFAULTS = {"memory_limit_gb": 24.0, "time_limit_s": 600.0}
+#: statuses after which the larger sizes of that upsampler are not tried
+STOP_STATUSES = ("oom", "timeout", "error")
+RESULT_TAG = "UPBENCH_POINT "
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc",
+                "failed to allocate", "memoryerror")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plan
+# ----------------------------------------------------------------------------------------------------------------
+def _auto(value: Any, default: float) -> float:
+    return float(default) if value in (None, "auto") else float(value)
+
+
+def resolve(cfg: Dict[str, Any], quick: bool = False) -> Dict[str, Any]:
+    """The sweep config with every ``auto`` filled in: device, threads, limits, channels / patch, upsamplers."""
+    import upsamplers
+
+    from .backbones import feature_shape
+    from .runner import resolve_device
+
+    s = {k: v for k, v in cfg.items() if k != "quick"}
+    if quick:
+        s.update(cfg.get("quick") or {})
+    s["quick"] = bool(quick)
+    device = resolve_device(s.get("device", "auto"))
+    s["device"] = str(device)
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    s["memory_limit_gb"] = _auto(s.get("memory_limit_gb"), defaults["memory_limit_gb"])
+    s["time_limit_s"] = _auto(s.get("time_limit_s"), defaults["time_limit_s"])
+    s["worker_timeout_s"] = _auto(s.get("worker_timeout_s"), max(120.0, 10 * s["time_limit_s"]))
+    s["threads"] = int(s.get("threads") or torch.get_num_threads())
+    for key in ("warmup", "runs"):
+        if int(s[key]) < 1:
+            raise UpbenchError(f"sweep.{key} must be >= 1, got {s[key]}")
+    channels, patch = feature_shape(s["backbone"])
+    s["channels"], s["patch_size"] = channels, patch
+    names = s.get("upsamplers", "all")
+    available = upsamplers.available()
+    if names in (None, "all"):
+        names = [n for n in available if n not in set(s.get("exclude") or [])]
+    elif isinstance(names, str):
+        names = [n for n in names.split(",") if n]
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise UpbenchError(f"unknown upsampler(s) {', '.join(unknown)}; available: {', '.join(available)}")
+    s["upsamplers"] = list(names)
+    sizes = sorted({int(v) for v in s["sizes"]})
+    if not sizes or sizes[0] < patch:
+        raise UpbenchError(f"sweep.sizes must be image sides >= the patch size {patch}, got {s['sizes']}")
+    s["sizes"] = sizes
+    return s
+
+
+def device_label(device: str) -> Dict[str, str]:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(dev)}
+    import platform
+
+    return {"type": "cpu", "name": _cpu_name() or platform.machine()}
+
+
+def _cpu_name() -> Optional[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def point_config(s: Dict[str, Any], name: str, size: int, device: Dict[str, str]) -> Dict[str, Any]:
+    """Everything that decides a point's numbers (hashed into its row key)."""
+    kwargs = upsampler_kwargs(s, name)
+    grid = size // s["patch_size"]
+    return {
+        "task": "scaling", "tag": s.get("tag"),
+        "upsampler": {"name": name, "kwargs": kwargs},
+        "backbone": {"name": s["backbone"]["name"], "channels": s["channels"], "patch_size": s["patch_size"]},
+        "size": grid * s["patch_size"], "grid": grid, "batch": int(s["batch"]), "dtype": str(s["dtype"]),
+        "warmup": int(s["warmup"]), "runs": int(s["runs"]), "memory_limit_gb": s["memory_limit_gb"],
+        "time_limit_s": s["time_limit_s"], "device": device, "cpu_threads": s["threads"], "seed": int(s["seed"]),
+    }
+
+
+def upsampler_kwargs(s: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """The upsampler's own config kwargs (as ``upbench run`` uses them), then the sweep's ``kwargs.<name>``."""
+    import configs
+
+    kwargs: Dict[str, Any] = {}
+    path = Path(configs.__file__).parent / "upsampler" / f"{name}.yaml"
+    if path.is_file():
+        from omegaconf import OmegaConf
+
+        kwargs.update(OmegaConf.to_container(OmegaConf.load(path)).get("kwargs") or {})  # type: ignore[union-attr]
+    kwargs.update((s.get("kwargs") or {}).get(name) or {})
+    return kwargs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# orchestration (parent process)
+# ----------------------------------------------------------------------------------------------------------------
+def run_sweep(cfg: Dict[str, Any], quick: bool = False, log=None) -> List[Dict[str, Any]]:
+    """Run (or reuse) every point; returns the rows of this sweep in plan order."""
+    import upsamplers
+
+    log = log or (lambda line: print(line, flush=True))
+    s = resolve(cfg, quick)
+    store = results.ResultStore(s["paths"]["results"])
+    device = device_label(s["device"])
+    log(f"sweep scaling: {len(s['upsamplers'])} upsamplers x sizes {s['sizes']} (patch {s['patch_size']}, "
+        f"C={s['channels']}), {s['warmup']} warm-up + {s['runs']} runs, {device['type']} '{device['name']}', "
+        f"{s['threads']} threads, cap {s['memory_limit_gb']:g} GB, {s['time_limit_s']:g} s per point")
+    rows: List[Dict[str, Any]] = []
+    for name in s["upsamplers"]:
+        family = getattr(upsamplers.get(name), "family", "learned")
+        for size in s["sizes"]:
+            pcfg = point_config(s, name, size, device)
+            key = results.config_hash(pcfg)
+            if store.exists(key) and not s.get("force"):
+                row = store.read(key)
+                log(f"  [done] {name:>9} {pcfg['grid'] ** 2:>6} tokens: {_short(row)}")
+            else:
+                row = measure_point(pcfg, key, family, s)
+                store.write(row)
+                log(f"  [new]  {name:>9} {pcfg['grid'] ** 2:>6} tokens: {_short(row)}")
+            rows.append(row)
+            if row["status"] in STOP_STATUSES:
+                rest = [z for z in s["sizes"] if z > size]
+                if rest:
+                    log(f"  [skip] {name:>9} sizes {rest}: stopped by {row['status']} at {size} px")
+                break
+    return rows
+
+
+def _short(row: Dict[str, Any]) -> str:
+    t, m = row.get("timing") or {}, row.get("memory") or {}
+    parts = [row["status"]]
+    if t.get("median_ms") is not None:
+        parts.append(f"{t['median_ms']:.1f} ms (n={t['runs']})")
+    if m.get("peak_mb") is not None:
+        parts.append(f"{m['peak_mb']:.0f} MB")
+    if row.get("error"):
+        parts.append(row["error"][:120])
+    return ", ".join(parts)
+
+
+def measure_point(pcfg: Dict[str, Any], key: str, family: str, s: Dict[str, Any]) -> Dict[str, Any]:
+    """Run one point in a fresh worker and turn its report into a result row."""
+    spec = {**pcfg, "device_str": s["device"]}
+    env = dict(os.environ, OMP_NUM_THREADS=str(s["threads"]), MKL_NUM_THREADS=str(s["threads"]))
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "upbench.scaling", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=s["worker_timeout_s"], env=env)
+        report = _parse_report(proc.stdout)
+        if report is None:
+            report = _crash_report(proc.returncode, proc.stderr)
+    except subprocess.TimeoutExpired:
+        report = {"status": "timeout", "error": f"worker killed after {s['worker_timeout_s']:g} s"}
+    wall = time.perf_counter() - t0
+    times = report.get("times_ms") or []
+    timing: Dict[str, Any] = {"runs": len(times), "warmup": report.get("warmup_done", 0),
+                              "clock": report.get("clock"), "first_ms": report.get("first_ms"), "times_ms": times}
+    if times:
+        qs = _quantiles(times)
+        timing.update(median_ms=qs[1], iqr_ms=qs[2] - qs[0], mean_ms=sum(times) / len(times), min_ms=min(times))
+    return {
+        "task": "scaling", "upsampler": pcfg["upsampler"]["name"], "family": family,
+        "backbone": pcfg["backbone"]["name"], "dataset": None, "status": report["status"],
+        "size": pcfg["size"], "grid": pcfg["grid"], "tokens": pcfg["grid"] ** 2, "pixels": pcfg["size"] ** 2,
+        "timing": timing,
+        "memory": {"peak_mb": report.get("peak_mb"), "method": report.get("memory_method"),
+                   "limit_gb": pcfg["memory_limit_gb"]},
+        "gflops": report.get("gflops"), "params": {"upsampler": report.get("params", 0)},
+        "error": report.get("error"), "config": pcfg, "config_hash": key, "versions": results.versions(),
+        "device": {**pcfg["device"], "threads": report.get("threads", pcfg["cpu_threads"])},
+        "wall_s": round(wall, 2), "finished": results.now(),
+    }
+
+
+def _quantiles(values: Sequence[float]) -> Tuple[float, float, float]:
+    t = torch.tensor(list(values), dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def _parse_report(stdout: str) -> Optional[Dict[str, Any]]:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    return None
+
+
+def _crash_report(returncode: int, stderr: str) -> Dict[str, Any]:
+    tail = " | ".join(stderr.strip().splitlines()[-3:])[-400:]
+    if returncode == -9:  # SIGKILL: the kernel's OOM killer (the cap did not bind first)
+        return {"status": "oom", "error": f"worker killed by SIGKILL (out of memory?) {tail}".strip()}
+    if any(m in stderr.lower() for m in _OOM_MARKERS):
+        return {"status": "oom", "error": tail}
+    return {"status": "error", "error": f"worker exited with {returncode}: {tail}"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the worker (one point, fresh process)
+# ----------------------------------------------------------------------------------------------------------------
+def _proc_status_kb(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in _OOM_MARKERS) or \
+        type(exc).__name__ == "OutOfMemoryError"
+
+
+def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+    import resource
+
+    import upsamplers
+
+    torch.manual_seed(int(spec["seed"]))
+    torch.set_num_threads(int(spec["cpu_threads"]))
+    device = torch.device(spec["device_str"])
+    dtype = getattr(torch, str(spec["dtype"]).replace("torch.", ""))
+    C, p, g = spec["backbone"]["channels"], spec["backbone"]["patch_size"], spec["grid"]
+    B, size = int(spec["batch"]), int(spec["size"])
+    model = upsamplers.create(spec["upsampler"]["name"], in_channels=C, patch_size=p, **spec["upsampler"]["kwargs"])
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    image = torch.randn(B, 3, size, size, device=device, dtype=dtype)
+    feats = torch.randn(B, C, g, g, device=device, dtype=dtype)
+    out: Dict[str, Any] = {"params": int(sum(t.numel() for t in model.parameters())),
+                           "threads": torch.get_num_threads()}
+    cap = float(spec["memory_limit_gb"]) * 2 ** 30
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    # a tiny forward first, so that lazy initialisation (thread pools, kernel caches) is not counted as the
+    # point's memory; a model that rejects the tiny shape is simply measured cold
+    tiny = min(g, 2)
+    try:
+        with torch.inference_mode():
+            model(torch.randn(B, 3, tiny * p, tiny * p, device=device, dtype=dtype),
+                  torch.randn(B, C, tiny, tiny, device=device, dtype=dtype), (tiny * p, tiny * p))
+    except Exception:  # noqa: BLE001
+        pass
+
+    # ---- first forward: peak memory and the time estimate.  It runs before anything large has been freed in
+    # this process, so the allocator has no retained memory to hide the rise of the peak RSS.
+    if cuda:
+        sync()
+        total = torch.cuda.get_device_properties(device).total_memory
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (base + cap) / total), device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out["memory_method"] = "cuda_max_memory_allocated"
+    else:
+        base_kb = _proc_status_kb("VmRSS") or 0
+        size_kb = _proc_status_kb("VmSize")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if cap > 0 and size_kb:
+            resource.setrlimit(resource.RLIMIT_AS, (size_kb * 1024 + int(cap), hard))
+        out["memory_method"] = "rss_hwm" if _reset_peak_rss() else "ru_maxrss"
+    try:
+        with torch.inference_mode():
+            sync()
+            t0 = time.perf_counter()
+            y = model(image, feats, (size, size))
+            sync()
+            first = time.perf_counter() - t0
+            if tuple(y.shape) != (B, C, size, size):
+                return {**out, "status": "error", "error": f"output shape {tuple(y.shape)} != {(B, C, size, size)}"}
+            del y
+    except BaseException as exc:  # noqa: BLE001  (an allocation failure may surface as several types)
+        if _is_oom(exc):
+            return {**out, "status": "oom", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        raise
+    if cuda:
+        out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    else:
+        if out["memory_method"] == "rss_hwm":
+            peak_kb = _proc_status_kb("VmHWM") or 0
+        else:
+            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_mb"] = max(0, peak_kb - base_kb) / 1024
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))  # the counter below loads modules lazily
+
+    # ---- FLOPs (matmul / conv ops) from one more forward under the counter; it also serves as a warm-up
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(image, feats, (size, size))
+    out["gflops"] = counter.get_total_flops() / 1e9
+    out["first_ms"] = first * 1e3
+    out["clock"] = "cuda_events" if cuda else "perf_counter"
+    warmup, runs = int(spec["warmup"]), int(spec["runs"])
+    more = max(0, warmup - 2) + runs  # the two forwards above are the first warm-ups
+    if first * more > float(spec["time_limit_s"]):
+        return {**out, "status": "time_limit", "times_ms": [first * 1e3], "warmup_done": 0,
+                "error": f"{more} more forwards at {first:.1f} s exceed time_limit_s={spec['time_limit_s']:g}; "
+                         "timed once"}
+
+    # ---- warm-ups and timed runs
+    times: List[float] = []
+    try:
+        with torch.inference_mode():
+            for _ in range(max(0, warmup - 2)):
+                model(image, feats, (size, size))
+            sync()
+            for _ in range(runs):
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    model(image, feats, (size, size))
+                    end.record()
+                    sync()
+                    times.append(start.elapsed_time(end))
+                else:
+                    t0 = time.perf_counter()
+                    model(image, feats, (size, size))
+                    times.append((time.perf_counter() - t0) * 1e3)
+    except BaseException as exc:  # noqa: BLE001
+        if _is_oom(exc):
+            return {**out, "status": "oom", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        raise
+    return {**out, "status": "ok", "times_ms": times, "warmup_done": max(warmup, 2)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m upbench.scaling '<point spec JSON>' (run by upbench sweep scaling)", file=sys.stderr)
+        sys.exit(2)
+    report = worker(json.loads(argv[0]))
+    sys.stdout.write("\n" + RESULT_TAG + json.dumps(report) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
