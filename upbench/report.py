@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-DATASET_ORDER = ["cocostuff", "voc", "ade20k", "cityscapes", "coco_depth", "nyuv2"]
+DATASET_ORDER = ["cocostuff", "voc", "ade20k", "cityscapes", "coco_depth", "nyuv2", "faceshq", "lhq"]
 DATASET_LABELS = {"cocostuff": "COCO", "voc": "VOC", "ade20k": "ADE20K", "cityscapes": "Cityscapes", "demo": "Demo",
                   "coco_depth": "COCO depth", "nyuv2": "NYUv2", "demo_depth": "Demo depth",
-                  "depth_folder": "Depth folder", "middlebury": "Middlebury"}
+                  "depth_folder": "Depth folder", "middlebury": "Middlebury", "faceshq": "FacesHQ", "lhq": "LHQ",
+                  "demo_images": "Demo images", "image_folder": "Images"}
 UPSAMPLER_ORDER = ["nearest", "bilinear", "lift_2x", "lift", "featup", "loftup", "jafar", "anyup", "uplift"]
-PAPER_BACKBONE_TABLES = {"dinov2_s14": "table1", "dinov3_splus16": "table8"}
+#: (task, backbone) -> the paper table holding published numbers for it
+PAPER_TABLES = {("seg", "dinov2_s14"): "table1", ("depth", "dinov2_s14"): "table1",
+                ("seg", "dinov3_splus16"): "table8", ("generative", "sd15_vae"): "table4"}
 #: the papers' depth probe runs on COCO images (pseudo ground truth), stored under "cocostuff"; metric names
 PAPER_DATASET_KEYS = {("depth", "coco_depth"): "cocostuff"}
 PAPER_METRIC_KEYS = {"d1": "delta1"}
@@ -88,15 +91,15 @@ def _metric_tables(rows: Sequence[Dict[str, Any]], task: str, metrics: Sequence[
             for d in datasets:
                 done = [r for r in rs if r["dataset"] == d and r.get("status") == "ok"]
                 for metric, label, _ in metrics:
-                    cells[(labels[d], label)] = _mean([r["metrics"][metric] for r in done])
+                    cells[(labels[d], label)] = _mean([r["metrics"].get(metric) for r in done])
             table.rows.append((up, cells))
         backbone = key[0]
-        if ref and task in ("seg", "depth") and backbone in PAPER_BACKBONE_TABLES:
-            for pr in ref[PAPER_BACKBONE_TABLES[backbone]]["rows"]:
+        if ref and (task, backbone) in PAPER_TABLES:
+            for pr in ref[PAPER_TABLES[(task, backbone)]]["rows"]:
                 cells = {("", "Params (M)"): pr.get("params_m"), ("", "Time (ms)"): pr.get("time_ms"),
                          ("", "Weights"): "published"}
                 for d in datasets:
-                    vals = pr.get(task, {}).get(PAPER_DATASET_KEYS.get((task, d), d), {})
+                    vals = pr.get(task, pr).get(PAPER_DATASET_KEYS.get((task, d), d), {})
                     for metric, label, _ in metrics:
                         cells[(labels[d], label)] = vals.get(PAPER_METRIC_KEYS.get(metric, metric))
                 table.rows.append((f"{pr['label']} (paper)", cells))
@@ -122,6 +125,14 @@ def depth_tables(rows: Sequence[Dict[str, Any]], paper: bool = False) -> List[Ta
 
     return _metric_tables(rows, "depth", [("d1", "δ1", "max"), ("rmse", "RMSE", "min")], group,
                           lambda k: f"Depth linear probes - backbone {k[0]}, lr_schedule {k[1]}", paper)
+
+
+def generative_tables(rows: Sequence[Dict[str, Any]], paper: bool = False) -> List[Table]:
+    """UPLiFT Table 4 layout, one table per VAE: SSIM / PSNR / FID / patch-FID per image set."""
+    return _metric_tables(rows, "generative", [("ssim", "SSIM", "max"), ("psnr", "PSNR", "max"), ("fid", "FID", "min"),
+                                               ("pfid", "p-FID", "min")],
+                          lambda r: (r["backbone"],),
+                          lambda k: f"VAE-latent super-resolution - VAE {k[0]}", paper)
 
 
 def recon_tables(rows: Sequence[Dict[str, Any]]) -> List[Table]:
@@ -153,7 +164,7 @@ def _fmt(value: Any, col: Tuple[str, str]) -> str:
     if isinstance(value, float):
         if col[1] == "Time (ms)":
             return f"{value:.1f}"
-        return f"{value:.4f}" if col[1] == "Cosine" else f"{value:.3f}" if col[1] == "RMSE" else f"{value:.2f}"
+        return f"{value:.4f}" if col[1] == "Cosine" else f"{value:.3f}" if col[1] in ("RMSE", "SSIM") else f"{value:.2f}"
     return str(value)
 
 
@@ -229,7 +240,7 @@ def to_csv(tables: Sequence[Table]) -> str:
 
 def render(rows: Sequence[Dict[str, Any]], fmt: str = "markdown", paper: bool = False, scaling: bool = False) -> str:
     tables = scaling_tables(rows) if scaling else (seg_tables(rows, paper=paper) + depth_tables(rows, paper=paper)
-                                                   + recon_tables(rows))
+                                                   + generative_tables(rows, paper=paper) + recon_tables(rows))
     if not tables:
         return "no finished results\n"
     return {"markdown": to_markdown, "latex": to_latex, "csv": to_csv}[fmt](tables)
