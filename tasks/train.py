@@ -99,8 +99,9 @@ def pyramid_sizes(img_size: int, patch: int, levels: int) -> List[int]:
 
 
 def multi_depth_loss(model, images: Sequence[torch.Tensor], feats: Sequence[torch.Tensor], depths: Sequence[int],
-                     loss: str, guide_mean, guide_std) -> Tuple[torch.Tensor, Dict[int, float]]:
-    """``images[l]`` / ``feats[l]``: the batch and its backbone features at S/2^l."""
+                     loss: str, guide_mean, guide_std, input_noise: float = 0.0) -> Tuple[torch.Tensor, Dict[int, float]]:
+    """``images[l]`` / ``feats[l]``: the batch and its backbone features at S/2^l.  ``input_noise``: std of Gaussian
+    noise added to each depth's input features (latent noise augmentation for VAE latents; targets stay clean)."""
     def dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if loss == "l2":
             return F.mse_loss(a, b)
@@ -113,7 +114,8 @@ def multi_depth_loss(model, images: Sequence[torch.Tensor], feats: Sequence[torc
     total, per_depth = 0.0, {}
     for d in depths:
         guide = normalize(images[d], guide_mean, guide_std)
-        steps = model.forward_steps(guide, feats[d], iters=d)
+        x = feats[d] + input_noise * torch.randn_like(feats[d]) if input_noise else feats[d]
+        steps = model.forward_steps(guide, x, iters=d)
         term = sum(dist(step, feats[d - k]) for k, step in enumerate(steps, start=1))
         per_depth[d] = term.item()
         total = total + term
@@ -218,7 +220,8 @@ def train(cfg: Dict[str, Any], backbone, model, device: torch.device, log: Calla
         pairs = [pyramid(i) for i in idx]
         images = [torch.cat([p[0][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
         feats = [torch.cat([p[1][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
-        loss, per_depth = multi_depth_loss(model, images, feats, depths, tcfg["loss"], model.image_mean, model.image_std)
+        loss, per_depth = multi_depth_loss(model, images, feats, depths, tcfg["loss"], model.image_mean, model.image_std,
+                                           float(tcfg.get("latent_noise") or 0.0))
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()

@@ -101,3 +101,38 @@ def test_training_resumes_after_sigkill_to_the_same_weights(tmp_path):
 
     model = upsamplers.create("uplift", in_channels=112, patch_size=16, weights=str(out / "uplift_demo.safetensors"))
     assert model.num_params > 0
+
+
+def test_latent_noise_perturbs_inputs_only():
+    class Identity(torch.nn.Module):  # one "step" returns its input features upsampled
+        def forward_steps(self, image, features, iters):
+            return [torch.nn.functional.interpolate(features, scale_factor=2, mode="nearest")]
+
+    feats = [torch.ones(1, 4, 8, 8), torch.ones(1, 4, 4, 4)]
+    images = [torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 32, 32)]
+    clean, _ = multi_depth_loss(Identity(), images, feats, [1], "l2", (0, 0, 0), (1, 1, 1))
+    torch.manual_seed(0)
+    noisy, _ = multi_depth_loss(Identity(), images, feats, [1], "l2", (0, 0, 0), (1, 1, 1), input_noise=0.5)
+    assert float(clean) == 0.0 and 0.1 < float(noisy) < 0.5  # E[(0.5 z)^2] = 0.25
+    assert torch.equal(feats[0], torch.ones(1, 4, 8, 8))  # targets untouched
+
+
+def test_uplift_vae_trains_on_taef2_latents(tmp_path):
+    """`upbench train upsampler=uplift_vae backbone=taef2`: latent-space multi-depth loss; the weights load back."""
+    from conftest import ASSETS, need
+
+    need(ASSETS / "weights" / "taef2_encoder.pth")
+    out = tmp_path / "vae"
+    env = {**os.environ, "UPBENCH_RESULTS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "upbench.cli", "train", "upsampler=uplift_vae", "backbone=taef2",
+           "upsampler.kwargs.config=uplift_vae_small", "data.root=builtin:skimage", "data.img_size=64", "data.limit=2",
+           "train.depths=[1]", "train.batch_size=2", "train.max_steps=2", "train.latent_noise=0.1",
+           f"train.out_dir={out}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    weights = out / "uplift_vae_taef2.safetensors"
+    import upsamplers
+
+    model = upsamplers.create("uplift_vae", weights=str(weights), in_channels=32, patch_size=8,
+                              config="uplift_vae_small")
+    assert model.num_params > 0
