@@ -100,11 +100,11 @@ def timing_summary(seconds: List[float]) -> Optional[float]:
     return float(torch.tensor(seconds).median()) * 1e3
 
 
-def resize_logits(logits: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Some upsamplers return more than the label size; the JAFAR probe resizes logits bilinearly."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+def resize_prediction(pred: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """A probe's (B, K, h, w) output at the target's size (the JAFAR probes resize bilinearly)."""
+    if tuple(pred.shape[-2:]) == tuple(size):
+        return pred
+    return F.interpolate(pred, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def train_probe(train_set, probe_cfg: Dict[str, Any], params, seed: int,

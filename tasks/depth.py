@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from upbench.errors import UpbenchError
 
 from . import register
-from .common import FeatureSource, timing_summary, train_probe
+from .common import FeatureSource, resize_prediction, timing_summary, train_probe
 
 MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0
 METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "log_rmse", "log10", "silog")
@@ -90,12 +90,6 @@ def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, min_depth: float = MIN_D
     }
 
 
-def _to_size(pred: torch.Tensor, size) -> torch.Tensor:
-    if tuple(pred.shape[-2:]) == tuple(size):
-        return pred
-    return F.interpolate(pred, size=tuple(size), mode="bilinear", align_corners=False)
-
-
 def head_input(source: FeatureSource, item: Dict[str, Any], flip: bool, size, use_cls: bool) -> torch.Tensor:
     """Upsampled features, optionally concatenated with the L2-normalised CLS token broadcast to every pixel."""
     feats = source.high_res(item, flip, size)
@@ -128,7 +122,7 @@ def run_depth(cfg: Dict[str, Any], backbone, upsampler, train_set, val_set, devi
         x = torch.stack([head_input(source, it, f, size, use_cls) for it, f in zip(items, flips)]).to(device)
         gt = torch.stack([it["depth"].flip(-1) if f else it["depth"] for it, f in zip(items, flips)])[:, None]
         gt = gt.to(device)
-        pred = _to_size(head(x), gt.shape[-2:])
+        pred = resize_prediction(head(x), gt.shape[-2:])
         mask = valid_mask(gt, max_depth)
         return sig_loss(pred, gt, mask, warmup=step < warmup_iters) + grad_w * gradient_loss(pred, gt, mask)
 
@@ -140,7 +134,7 @@ def run_depth(cfg: Dict[str, Any], backbone, upsampler, train_set, val_set, devi
             item = val_set[i]
             x = head_input(source, item, False, (val_set.img_size, val_set.img_size), use_cls)[None].to(device)
             gt = item["depth"].to(device)
-            pred = _to_size(head(x), gt.shape[-2:])
+            pred = resize_prediction(head(x), gt.shape[-2:])
             m = depth_metrics(pred[0, 0], gt, float(probe_cfg["min_depth"]), max_depth)
             if m is not None:
                 per_image.append(m)

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from upbench.errors import UpbenchError
 
 from . import register
-from .common import FeatureSource, resize_logits, timing_summary, train_probe
+from .common import FeatureSource, resize_prediction, timing_summary, train_probe
 
 
 @register("seg")
@@ -33,7 +33,7 @@ def run_seg(cfg: Dict[str, Any], backbone, upsampler, train_set, val_set, device
     def batch_loss(items, flips, _step):
         feats = torch.stack([source.high_res(it, f, size) for it, f in zip(items, flips)]).to(device)
         labels = torch.stack([it["label"].flip(-1) if f else it["label"] for it, f in zip(items, flips)])
-        logits = resize_logits(probe(feats), labels.shape[-2:])
+        logits = resize_prediction(probe(feats), labels.shape[-2:])
         return F.cross_entropy(logits, labels.to(device), ignore_index=ignore)
 
     epoch_s, losses = train_probe(train_set, probe_cfg, probe.parameters(), cfg["seed"], batch_loss, log)
@@ -45,7 +45,7 @@ def run_seg(cfg: Dict[str, Any], backbone, upsampler, train_set, val_set, device
             item = val_set[i]
             feats = source.high_res(item, False, (val_set.img_size, val_set.img_size))[None].to(device)
             label = item["label"][None].to(device)
-            pred = resize_logits(probe(feats), label.shape[-2:]).argmax(1)
+            pred = resize_prediction(probe(feats), label.shape[-2:]).argmax(1)
             miou.update(pred, label)
             acc.update(pred, label)
     return {

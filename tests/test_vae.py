@@ -89,7 +89,7 @@ def test_create_vae_taef2_missing_files_is_one_clear_line(tmp_path, monkeypatch)
     msg = str(err.value)
     assert "\n" not in msg
     assert str(tmp_path / "taef2_encoder.pth") in msg and str(tmp_path / "taef2_decoder.pth") in msg
-    assert "vae.encoder" in msg and "UPBENCH_TAEF2_DIR" in msg
+    assert "backbone.encoder" in msg and "UPBENCH_TAEF2_DIR" in msg
     with pytest.raises(UpbenchError, match="no option"):
         create_vae({"kind": "taef2", "encoder_path": "x"})
 
@@ -107,7 +107,7 @@ def test_create_vae_sd15_offline_names_the_weights(tmp_path, monkeypatch):
         create_vae({"kind": "sd15"})
     msg = str(err.value)
     assert "\n" not in msg and "weights" in msg
-    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in msg and "vae.name_or_path" in msg
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in msg and "backbone.name_or_path" in msg
 
 
 @pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers is not installed (the sd15 VAE needs it)")

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import results
+from .dtypes import parse_dtype
 from .errors import UpbenchError
 
 CPU_DEFAULTS = {"memory_limit_gb": 8.0, "time_limit_s": 60.0}
@@ -255,6 +256,11 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).splitlines()  # MemoryError() has no message at all
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in _OOM_MARKERS) or \
         type(exc).__name__ == "OutOfMemoryError"
@@ -268,7 +274,7 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     torch.manual_seed(int(spec["seed"]))
     torch.set_num_threads(int(spec["cpu_threads"]))
     device = torch.device(spec["device_str"])
-    dtype = getattr(torch, str(spec["dtype"]).replace("torch.", ""))
+    dtype = parse_dtype(spec["dtype"], "sweep")
     C, p, g = spec["backbone"]["channels"], spec["backbone"]["patch_size"], spec["grid"]
     B, size = int(spec["batch"]), int(spec["size"])
     model = upsamplers.create(spec["upsampler"]["name"], in_channels=C, patch_size=p, **spec["upsampler"]["kwargs"])
@@ -322,7 +328,7 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
             del y
     except BaseException as exc:  # noqa: BLE001  (an allocation failure may surface as several types)
         if _is_oom(exc):
-            return {**out, "status": "oom", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+            return {**out, "status": "oom", "error": _first_line(exc)}
         raise
     if cuda:
         out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
@@ -371,7 +377,7 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
                     times.append((time.perf_counter() - t0) * 1e3)
     except BaseException as exc:  # noqa: BLE001
         if _is_oom(exc):
-            return {**out, "status": "oom", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+            return {**out, "status": "oom", "error": _first_line(exc)}
         raise
     return {**out, "status": "ok", "times_ms": times, "warmup_done": max(warmup, 2)}
 

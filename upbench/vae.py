@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoints import load_strict, read_state_dict
+from .dtypes import parse_dtype
 from .errors import UpbenchError
 from .registry import Registry
 
@@ -169,9 +170,9 @@ def taef2(encoder: Optional[PathLike] = None, decoder: Optional[PathLike] = None
     enc, dec = taef2_paths(encoder, decoder)
     missing = [str(p) for p in (enc, dec) if not p.is_file()]
     if missing:
-        raise UpbenchError(f"TAEF2 weights not found: {', '.join(missing)}; set vae.encoder and vae.decoder "
+        raise UpbenchError(f"TAEF2 weights not found: {', '.join(missing)}; set backbone.encoder and backbone.decoder "
                            f"(or {TAEF2_DIR_ENV}, a folder holding both files) to the files from {TAEF2_SOURCE}")
-    return TAEF2.from_files(enc, dec, dtype=_dtype(dtype))
+    return TAEF2.from_files(enc, dec, dtype=parse_dtype(dtype, "vae"))
 
 
 # ------------------------------------------------------------------------------------------------------ SD 1.5
@@ -214,11 +215,11 @@ def sd15(name_or_path: str = SD15_REPO, dtype: Union[str, torch.dtype] = torch.f
         from diffusers import AutoencoderKL
     except ImportError:
         raise UpbenchError("the sd15 VAE needs diffusers; pip install diffusers") from None
-    torch_dtype = _dtype(dtype)
+    torch_dtype = parse_dtype(dtype, "vae")
     path = Path(str(name_or_path)).expanduser()
     local = path.exists() or str(name_or_path).startswith(("/", ".", "~"))
     how = (f"download '{SD15_REPO}' (its vae/ folder is enough) where there is internet and set "
-           f"vae.name_or_path to that local folder")
+           f"backbone.name_or_path to that local folder")
     if local and not path.is_dir():
         raise UpbenchError(f"sd15 VAE weights not found: no folder {path}; {how}")
     # A local folder may be the whole pipeline (with vae/) or the vae folder itself.
@@ -239,17 +240,6 @@ def sd15(name_or_path: str = SD15_REPO, dtype: Union[str, torch.dtype] = torch.f
 
 
 # ------------------------------------------------------------------------------------------------------ common
-def _dtype(value: Union[str, torch.dtype]) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    name = str(value).replace("torch.", "")
-    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
-    dtype = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise UpbenchError(f"unknown vae dtype '{value}'; use float32, float16 or bfloat16")
-    return dtype
-
-
 def create_vae(cfg: Dict[str, Any]) -> nn.Module:
     """Build a VAE from a config: ``{kind: taef2, encoder?, decoder?, dtype?}`` or
     ``{kind: sd15, name_or_path?, dtype?}``. Unknown kinds list the registered ones."""

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from upbench.checkpoints import WeightSource
+from upbench.dtypes import parse_dtype
 from upbench.errors import UpbenchError
 
 from . import register
@@ -716,20 +717,6 @@ class LocalAttender(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # the model + harness adapter
 # ----------------------------------------------------------------------------------------------------------------
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float64": torch.float64}
-
-
-def _as_dtype(dtype: Any) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).replace("torch.", "")
-    if key not in _DTYPES:
-        raise UpbenchError(f"UPLiFT: unknown dtype '{dtype}'")
-    return _DTYPES[key]
-
-
 def _resize_bilinear_aa(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """torchvision ``resize`` (bilinear, antialias on) for float tensors."""
     size = tuple(int(s) for s in size)
@@ -803,7 +790,7 @@ class UPLiFT(Upsampler):
         self.iters = None if iters is None else int(iters)
         self.low_mem = bool(low_mem)
         self.fast = bool(fast)
-        self.compute_dtype = _as_dtype(compute_dtype)
+        self.compute_dtype = parse_dtype(compute_dtype, "UPLiFT compute_dtype")
         self._return_steps = False
         if image_mean is not None:
             self.image_mean = tuple(float(v) for v in image_mean)
@@ -826,7 +813,7 @@ class UPLiFT(Upsampler):
             self.ref_outc = nn.Conv2d(self.refiner.out_channels, self.in_channels, 1)
         else:
             self.refiner = None
-        dt = _as_dtype(dtype)
+        dt = parse_dtype(dtype, "UPLiFT")
         if dt is not None:
             self.to(dt)
 

@@ -27,16 +27,17 @@ def resize_center_crop_image(img: Image.Image, size: int) -> torch.Tensor:
     return TF.to_tensor(img)
 
 
+def short_side_crop_box(h: int, w: int, size: int) -> Tuple[int, int, int, int]:
+    """(resized h, resized w, top, left) of the JAFAR geometry: short side -> ``size``, centre crop ``size``."""
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    return nh, nw, int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+
+
 def resize_center_crop_label(label: np.ndarray, size: int) -> torch.Tensor:
     """JAFAR label transform: short side -> ``size`` with NEAREST_EXACT, centre crop; int64 (H, W)."""
     t = torch.from_numpy(np.ascontiguousarray(label)).to(torch.float32)[None, None]
-    h, w = t.shape[-2:]
-    if h <= w:
-        nh, nw = size, int(size * w / h)
-    else:
-        nh, nw = int(size * h / w), size
+    nh, nw, top, left = short_side_crop_box(*t.shape[-2:], size)
     t = F.interpolate(t, size=(nh, nw), mode="nearest-exact")[0, 0]
-    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     return t[top:top + size, left:left + size].to(torch.int64)
 
 
@@ -93,8 +94,10 @@ class GeneratedItems:
         return items[i]
 
 
-def list_images(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix in IMAGE_EXTS) if folder.is_dir() else []
+def list_images(folder: Path, recursive: bool = False) -> List[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.suffix in IMAGE_EXTS)
 
 
 def pair_by_stem(images: Sequence[Path], label_dir: Path, label_name: Callable[[str], str]) -> List[Tuple[str, str]]:

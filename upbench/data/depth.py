@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ from torch.nn import functional as F
 
 from upbench.errors import UpbenchError
 
-from .base import DATASETS, IMAGE_EXTS, GeneratedItems, missing_data, resize_center_crop_image
+from .base import (DATASETS, GeneratedItems, list_images, missing_data, resize_center_crop_image,
+                   short_side_crop_box)
 from .demo import skimage_texture
 
 MAX_DEPTH = 10.0
@@ -26,15 +27,13 @@ MAX_DEPTH = 10.0
 def resize_center_crop_depth(depth: np.ndarray, size: int, mode: str = "nearest") -> torch.Tensor:
     """(H, W) float -> (size, size): short side -> ``size`` then centre crop, like the image transform."""
     t = torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))[None, None]
-    h, w = t.shape[-2:]
-    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    nh, nw, top, left = short_side_crop_box(*t.shape[-2:], size)
     if mode == "nearest":
         t = F.interpolate(t, size=(nh, nw), mode="nearest-exact")
     else:
         valid = (t > 0).float()
         t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
         t = t * (F.interpolate(valid, size=(nh, nw), mode="nearest-exact") > 0)
-    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     return t[0, 0, top:top + size, left:left + size].contiguous()
 
 
@@ -91,10 +90,6 @@ def _rgba_float_depth(path: str) -> Callable[[], np.ndarray]:
     return read
 
 
-def _images_under(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix in IMAGE_EXTS) if folder.is_dir() else []
-
-
 @DATASETS.register("nyuv2")
 class NYUv2(DepthDataset):
     """NYU Depth v2 with real metric ground truth (uint16 PNG, millimetres; 0 = missing).
@@ -108,13 +103,13 @@ class NYUv2(DepthDataset):
         base = Path(os.path.expanduser(str(root)))
         items = []
         split_dir = base / "official_splits" / ("test" if split in ("val", "test") else "train")
-        for rgb in _images_under(split_dir):
+        for rgb in list_images(split_dir, recursive=True):
             if rgb.name.startswith("rgb_"):
                 gt = rgb.with_name("sync_depth_" + rgb.stem[4:] + ".png")
                 if gt.exists():
                     items.append((str(rgb), _png_depth(str(gt), depth_divisor)))
         if not items:
-            for img in _images_under(base / "images"):
+            for img in list_images(base / "images", recursive=True):
                 gt = base / "annotations" / (img.stem + ".png")
                 if gt.exists():
                     items.append((str(img), _png_depth(str(gt), depth_divisor)))
@@ -138,7 +133,7 @@ class DepthFolder(DepthDataset):
                  scale: Optional[str] = "max", **_):
         base = Path(os.path.expanduser(str(root)))
         items = []
-        for img in _images_under(base / "images"):
+        for img in list_images(base / "images", recursive=True):
             rel = img.relative_to(base / "images").with_suffix("")
             png, npy = base / depth_dir / (str(rel) + ".png"), base / depth_dir / (str(rel) + ".npy")
             if png.exists():
@@ -191,8 +186,8 @@ class CocoPseudoDepth(DepthDataset):
     def __init__(self, root: str, split: str = "val", img_size: int = 448, cache_dir: Optional[str] = None,
                  image_list: Optional[str] = None, **_):
         base = Path(os.path.expanduser(str(root)))
-        folder = next((base / d for d in (f"{split}2017", split, "images", ".") if _images_under(base / d)), None)
-        images = _images_under(folder) if folder else []
+        found = (list_images(base / d, recursive=True) for d in (f"{split}2017", split, "images", "."))
+        images = next((imgs for imgs in found if imgs), [])
         if image_list:
             from .base import read_id_list
 

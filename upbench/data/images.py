@@ -9,7 +9,7 @@ from typing import Dict
 import torch
 from PIL import Image
 
-from .base import DATASETS, IMAGE_EXTS, GeneratedItems, missing_data, resize_center_crop_image
+from .base import DATASETS, GeneratedItems, list_images, missing_data, resize_center_crop_image
 
 DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry")
 
@@ -23,7 +23,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root: str, split: str = "val", img_size: int = 1024, **_):
         base = Path(os.path.expanduser(str(root)))
-        self.paths = sorted(p for p in base.rglob("*") if p.suffix in IMAGE_EXTS) if base.is_dir() else []
+        self.paths = list_images(base, recursive=True)
         if not self.paths:
             raise missing_data(self.name, str(root), "image files (any depth) under the root", "the dataset's release")
         self.img_size = int(img_size)
