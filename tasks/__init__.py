@@ -9,7 +9,17 @@ import upbench  # noqa: F401
 from upbench.registry import Registry
 
 TASKS = Registry("task")
-register = TASKS.register
+
+
+def register(name: str, *, preflight=None):
+    """``@register("seg")`` stores a task function; ``preflight(cfg)``, if given, checks what the task needs (e.g.
+    weights) from the full config before the runner builds anything, so a missing piece fails at once."""
+    def wrap(fn):
+        fn.preflight = preflight
+        return TASKS.register(name)(fn)
+
+    return wrap
+
 _loaded = False
 
 

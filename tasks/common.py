@@ -1,7 +1,9 @@
 """Pieces shared by the probe tasks: normalisation, cached backbone features, timed upsampling, LR schedules."""
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -107,20 +109,43 @@ def resize_prediction(pred: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor
     return F.interpolate(pred, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def _save_probe_state(path: Path, state: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)   # a job killed while saving leaves the previous checkpoint intact
+
+
 def train_probe(train_set, probe_cfg: Dict[str, Any], params, seed: int,
                 loss_fn: Callable[[List[Dict[str, Any]], List[bool], int], torch.Tensor],
-                log=print) -> Tuple[List[float], List[float]]:
+                log=print, checkpoint: Optional[str] = None) -> Tuple[List[float], List[float]]:
     """The probe loop shared by the probe tasks: AdamW over ``params``, the configured LR schedule, shuffled batches
     with random horizontal flips; ``loss_fn(items, flips, step)`` gives a batch's loss.  Returns (seconds per
-    epoch, mean loss per epoch)."""
+    epoch, mean loss per epoch).
+
+    ``checkpoint``: a file written after every epoch (probe weights, optimiser, schedule, shuffling RNG); a run that
+    finds it resumes after the last finished epoch with the same result as an uninterrupted run, which is how a
+    requeued (preempted / timed-out) or re-run job continues."""
+    params = list(params)
     gen = torch.Generator().manual_seed(int(seed))
     optim = torch.optim.AdamW(params, lr=probe_cfg["lr"], betas=tuple(probe_cfg["betas"]),
                               weight_decay=probe_cfg["weight_decay"])
     batch_size, epochs = int(probe_cfg["batch_size"]), int(probe_cfg["epochs"])
     iters = (len(train_set) + batch_size - 1) // batch_size
     sched, per_iter = make_scheduler(optim, probe_cfg["lr_schedule"], epochs, iters)
-    step, epoch_s, losses = 0, [], []
-    for epoch in range(epochs):
+    step, epoch_s, losses, start = 0, [], [], 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"]):
+                p.copy_(saved)
+        optim.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        step, epoch_s, losses, start = state["step"], state["epoch_s"], state["losses"], state["epoch"]
+        log(f"  resumed from {ckpt} after epoch {start}/{epochs}")
+    for epoch in range(start, epochs):
         t0 = time.perf_counter()
         order = torch.randperm(len(train_set), generator=gen).tolist()
         flips = (torch.rand(len(order), generator=gen) < 0.5).tolist() if probe_cfg["flip"] else [False] * len(order)
@@ -140,4 +165,8 @@ def train_probe(train_set, probe_cfg: Dict[str, Any], params, seed: int,
         epoch_s.append(time.perf_counter() - t0)
         losses.append(total / max(1, iters))
         log(f"  epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f} ({epoch_s[-1]:.2f}s)")
+        if ckpt is not None and epoch + 1 < epochs:
+            _save_probe_state(ckpt, {"params": [p.detach().cpu() for p in params], "optim": optim.state_dict(),
+                                     "sched": sched.state_dict(), "gen": gen.get_state(), "step": step,
+                                     "epoch_s": epoch_s, "losses": losses, "epoch": epoch + 1})
     return epoch_s, losses

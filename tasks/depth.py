@@ -126,7 +126,8 @@ def run_depth(cfg: Dict[str, Any], backbone, upsampler, train_set, val_set, devi
         mask = valid_mask(gt, max_depth)
         return sig_loss(pred, gt, mask, warmup=step < warmup_iters) + grad_w * gradient_loss(pred, gt, mask)
 
-    epoch_s, losses = train_probe(train_set, probe_cfg, head.parameters(), cfg["seed"], batch_loss, log)
+    epoch_s, losses = train_probe(train_set, probe_cfg, head.parameters(), cfg["seed"], batch_loss, log,
+                                  checkpoint=cfg.get("checkpoint"))
 
     per_image: List[Dict[str, float]] = []
     with torch.inference_mode():

@@ -36,7 +36,8 @@ def run_seg(cfg: Dict[str, Any], backbone, upsampler, train_set, val_set, device
         logits = resize_prediction(probe(feats), labels.shape[-2:])
         return F.cross_entropy(logits, labels.to(device), ignore_index=ignore)
 
-    epoch_s, losses = train_probe(train_set, probe_cfg, probe.parameters(), cfg["seed"], batch_loss, log)
+    epoch_s, losses = train_probe(train_set, probe_cfg, probe.parameters(), cfg["seed"], batch_loss, log,
+                                  checkpoint=cfg.get("checkpoint"))
 
     miou = MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=ignore).to(device)
     acc = MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=ignore).to(device)

@@ -175,3 +175,57 @@ def test_cls_token_needs_a_vit_and_seg_rejects_depth_data(tmp_path):
                                 "dataset.num_images=2", f"paths.results={tmp_path}"]))
     with pytest.raises(UpbenchError, match="task=seg needs a segmentation dataset"):
         run_job(cfg, log=lambda *_: None)
+
+
+COCO = ASSETS / "data" / "coco2017_subset200"
+
+
+def _tiny_depth_anything(folder):
+    """A random-weight Depth-Anything model of the real architecture (DINOv2 backbone + DPT head), saved locally."""
+    pytest.importorskip("transformers", reason="coco_depth pseudo ground truth needs the optional transformers")
+    import upbench  # noqa: F401
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    torch.manual_seed(0)
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
+                            patch_size=14, image_size=56, out_features=["stage1", "stage2", "stage3", "stage4"],
+                            reshape_hidden_states=False)
+    DepthAnythingForDepthEstimation(DepthAnythingConfig(
+        backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, reassemble_hidden_size=32,
+        head_hidden_size=8, depth_estimation_type="relative")).save_pretrained(folder)
+    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder
+
+
+def test_coco_pseudo_depth_is_computed_once_and_cached(tmp_path):
+    """Real COCO images; pseudo ground truth from a Depth-Anything model (tiny, random weights, real layout) is
+    written to the cache at the image's size and read back from it without the model."""
+    need(COCO)
+    model = _tiny_depth_anything(tmp_path / "da")
+    cache = tmp_path / "cache"
+    ds = DATASETS.create("coco_depth", root=str(COCO), split="val", img_size=56, cache_dir=str(cache),
+                         pseudo_model=str(model))
+    item = ds[0]
+    maps = sorted(cache.glob("*.npy"))
+    assert [p.stem for p in maps] == [item["id"]]
+    from PIL import Image
+
+    with Image.open(ds.items[0][0]) as img:
+        assert np.load(maps[0]).shape == (img.height, img.width)
+    assert item["depth"].shape == (56, 56) and torch.isfinite(item["depth"]).all() and item["depth"].max() > 0
+    again = DATASETS.create("coco_depth", root=str(COCO), split="val", img_size=56, cache_dir=str(cache),
+                            pseudo_model=str(tmp_path / "no_model_needed"))
+    assert torch.equal(again[0]["depth"], item["depth"])
+
+
+def test_coco_pseudo_depth_offline_names_the_model(tmp_path, monkeypatch):
+    need(COCO)
+    pytest.importorskip("transformers", reason="coco_depth pseudo ground truth needs the optional transformers")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from upbench.data import depth
+
+    depth._depth_anything.cache_clear()
+    ds = DATASETS.create("coco_depth", root=str(COCO), split="val", img_size=56, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UpbenchError, match="Depth-Anything-V2-Small-hf.*huggingface-cli download.*cache_dir"):
+        ds[0]

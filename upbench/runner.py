@@ -139,6 +139,8 @@ def run_job(cfg_in: Any, log: Callable[[str], None] = print, cache: Optional[Fea
     device = resolve_device(cfg.get("device", "auto"))
     task_fn = tasks.get(cfg["task"]["name"])
     log(f"[run] {label}")
+    if getattr(task_fn, "preflight", None):
+        task_fn.preflight(cfg)
     started, t0 = results.now(), time.perf_counter()
     backbone = get_backbone(cfg["backbone"], device)
     upsampler = build_upsampler(cfg["upsampler"], backbone, device)
@@ -146,7 +148,9 @@ def run_job(cfg_in: Any, log: Callable[[str], None] = print, cache: Optional[Fea
     if cache is None:
         cache = feature_cache(cfg["task"].get("cache", {}))
     torch.manual_seed(int(cfg["seed"]))  # again: building (or reusing) models must not shift the task's randomness
-    out = task_fn({**cfg["task"], "seed": cfg["seed"]}, backbone, upsampler, train_set, val_set, device, cache, log)
+    checkpoint = store.checkpoint_path(key)   # long tasks resume from it after a requeue or a re-run
+    out = task_fn({**cfg["task"], "seed": cfg["seed"], "checkpoint": str(checkpoint)}, backbone, upsampler,
+                  train_set, val_set, device, cache, log)
     row = {
         "config_hash": key, **ident, "seed": cfg["seed"], "status": "ok",
         "params": {"upsampler": int(upsampler.num_params)},
@@ -155,6 +159,7 @@ def run_job(cfg_in: Any, log: Callable[[str], None] = print, cache: Optional[Fea
         "started": started, "finished": results.now(), "wall_s": time.perf_counter() - t0,
     }
     path = store.write(row)
+    checkpoint.unlink(missing_ok=True)
     log(f"[done] {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in out["metrics"].items()
                                           if isinstance(v, float)) + f" -> {path}")
     return row

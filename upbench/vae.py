@@ -208,6 +208,19 @@ class SD15VAE(nn.Module):
     def forward(self, image01: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(image01))
 
+    @property
+    def pipeline_vae(self) -> nn.Module:
+        """The diffusers module itself, for a diffusion pipeline that shares this VAE."""
+        return self.vae
+
+
+def sd15_weight_files(name_or_path: str) -> Dict[str, list]:
+    """The files ``sd15`` needs, for an availability check: a pipeline folder (vae/...) or the vae folder itself."""
+    path = Path(str(name_or_path)).expanduser()
+    prefix = "" if path.is_dir() and (path / "config.json").is_file() else "vae/"
+    return {"vae": [(f"{prefix}config.json",), (f"{prefix}diffusion_pytorch_model.safetensors",
+                                                 f"{prefix}diffusion_pytorch_model.bin")]}
+
 
 @VAES.register("sd15")
 def sd15(name_or_path: str = SD15_REPO, dtype: Union[str, torch.dtype] = torch.float32) -> SD15VAE:
@@ -222,6 +235,14 @@ def sd15(name_or_path: str = SD15_REPO, dtype: Union[str, torch.dtype] = torch.f
            f"backbone.name_or_path to that local folder")
     if local and not path.is_dir():
         raise UpbenchError(f"sd15 VAE weights not found: no folder {path}; {how}")
+    if not local:  # fetch (or find in the cache) only the VAE's files, failing fast when the hub is unreachable
+        from .diffusion import missing_weights
+
+        missing, root = missing_weights(str(name_or_path), sd15_weight_files(str(name_or_path)))
+        if missing or root is None:
+            raise UpbenchError(f"sd15 VAE weights not found: '{name_or_path}' (subfolder vae) is not in the Hugging "
+                               f"Face cache and could not be downloaded (offline?); {how}")
+        path, local = root, True
     # A local folder may be the whole pipeline (with vae/) or the vae folder itself.
     subfolder = None if local and (path / "config.json").is_file() else "vae"
     try:

@@ -184,8 +184,9 @@ class CocoPseudoDepth(DepthDataset):
     MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 
     def __init__(self, root: str, split: str = "val", img_size: int = 448, cache_dir: Optional[str] = None,
-                 image_list: Optional[str] = None, **_):
+                 image_list: Optional[str] = None, pseudo_model: Optional[str] = None, **_):
         base = Path(os.path.expanduser(str(root)))
+        self.model = pseudo_model or self.MODEL
         found = (list_images(base / d, recursive=True) for d in (f"{split}2017", split, "images", "."))
         images = next((imgs for imgs in found if imgs), [])
         if image_list:
@@ -195,14 +196,17 @@ class CocoPseudoDepth(DepthDataset):
             images = [p for p in images if p.stem in keep]
         if not images:
             raise missing_data("coco_depth", str(root), f"{split}2017/*.jpg (or images/*.jpg)", "cocodataset.org")
-        cache = Path(os.path.expanduser(str(cache_dir or base / "depth_anything_v2_small")))
+        # maps from another model must never be mixed with the default model's cache
+        default_cache = base / ("depth_anything_v2_small" if self.model == self.MODEL else
+                                "pseudo_depth_" + "".join(c if c.isalnum() else "_" for c in self.model))
+        cache = Path(os.path.expanduser(str(cache_dir or default_cache)))
         items = [(str(p), lambda p=p: self._pseudo(p, cache)) for p in images]
         super().__init__(items, img_size)
 
     def _pseudo(self, image: Path, cache: Path) -> np.ndarray:
         path = cache / (image.stem + ".npy")
         if not path.exists():
-            model, processor = _depth_anything(self.MODEL)
+            model, processor = _depth_anything(self.model)
             with Image.open(image) as img:
                 rgb = img.convert("RGB")
                 with torch.inference_mode():

@@ -1,0 +1,195 @@
+"""What a submitted job is and where it stands: the finished-result check the launcher uses to submit only what is
+missing, the sweep records it writes, and ``upbench status``, which reads them.
+
+A job's state comes, in this order, from its finished result (row or weights), from submitit's result file (an
+error there is a failure with its log), from the scheduler (``sacct``, or ``scontrol`` where accounting is off),
+or, for local jobs, from whether the process is alive."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from . import results
+from .errors import UpbenchError
+
+
+def _run_result(cfg: Dict[str, Any]) -> Optional[Path]:
+    return results.ResultStore(cfg["paths"]["results"]).path(results.config_hash(cfg))
+
+
+def _train_result(cfg: Dict[str, Any]) -> Optional[Path]:
+    out = Path(os.path.expanduser(str(cfg["train"]["out_dir"])))
+    return out / f"{cfg['upsampler']['name']}_{cfg['backbone']['name']}.safetensors"
+
+
+def _train_done(cfg: Dict[str, Any], path: Path) -> bool:
+    log = path.with_suffix(".log.json")
+    try:
+        return path.is_file() and json.loads(log.read_text()).get("config") == cfg
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+#: primary config name -> (the file a finished job leaves, is that file this config's)
+RESULTS: Dict[str, tuple] = {
+    "config": (_run_result, lambda cfg, p: p.is_file()),
+    "train": (_train_result, _train_done),
+}
+
+
+def config_key(config_name: str, cfg: Dict[str, Any]) -> str:
+    return results.config_hash(cfg)
+
+
+def result_path(config_name: str, cfg: Dict[str, Any]) -> Optional[Path]:
+    """The file a finished job of this config leaves (None for jobs that keep their own per-point results)."""
+    entry = RESULTS.get(config_name)
+    return entry[0](cfg) if entry else None
+
+
+def finished(config_name: str, cfg: Dict[str, Any]) -> Optional[Path]:
+    """The finished result of this config, if there is one (and ``force`` is off)."""
+    entry = RESULTS.get(config_name)
+    if entry is None or cfg.get("force"):
+        return None
+    path = entry[0](cfg)
+    return path if path is not None and entry[1](cfg, path) else None
+
+
+def record_path(results_dir: str, sweep: str) -> Path:
+    return Path(os.path.expanduser(str(results_dir))).resolve() / "jobs" / f"{sweep}.json"
+
+
+# ---------------------------------------------------------------------------------------------------- scheduler
+SLURM_STATES = {"PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending",
+                "RESIZING": "running", "RUNNING": "running", "COMPLETING": "running", "SUSPENDED": "running",
+                "COMPLETED": "completed", "CANCELLED": "cancelled", "FAILED": "failed", "TIMEOUT": "failed",
+                "OUT_OF_MEMORY": "failed", "NODE_FAIL": "failed", "PREEMPTED": "failed", "BOOT_FAIL": "failed",
+                "DEADLINE": "failed"}
+
+
+def _command(args: List[str]) -> Optional[str]:
+    if shutil.which(args[0]) is None:
+        return None
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def slurm_state(job_id: str) -> Optional[str]:
+    """The raw SLURM state of a job (e.g. ``CANCELLED``), from accounting when it is on, else from the controller
+    (which remembers finished jobs for ``MinJobAge`` seconds); None if neither knows the job."""
+    out = _command(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"])
+    if out and out.strip():
+        return out.strip().splitlines()[0].split()[0]
+    out = _command(["scontrol", "show", "job", "-o", job_id])
+    if out:
+        for field in out.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+    return None
+
+
+def _local_alive(job_id: str) -> bool:
+    try:
+        os.kill(int(job_id), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _submitit_outcome(record: Dict[str, Any]) -> Optional[tuple]:
+    """("success" | "error", detail) from the job's submitit result file, if it has one."""
+    from submitit.core.utils import JobPaths
+
+    if not record.get("submitit_folder"):
+        return None
+    path = JobPaths(record["submitit_folder"], job_id=record["job_id"], task_id=0).result_pickle
+    try:
+        with open(path, "rb") as fh:
+            outcome, value = pickle.load(fh)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+        return None
+    if outcome == "success" and getattr(getattr(value, "status", None), "name", "") == "FAILED":
+        value, outcome = getattr(value, "_return_value", value), "error"   # the task raised inside the job
+    text = (str(value).strip().splitlines() or [""])[-1][:200]
+    return outcome, text
+
+
+def job_state(record: Dict[str, Any]) -> Dict[str, Any]:
+    """``{state, detail, log}`` for one job record: finished | failed | cancelled | running | pending | lost | unknown."""
+    if not record.get("submitted", True):
+        return {"state": "finished", "detail": "finished before this sweep", "log": None}
+    res = record.get("result")
+    if res and Path(res).is_file():
+        return {"state": "finished", "detail": res, "log": None}
+    log = record.get("stderr")
+    outcome = _submitit_outcome(record)
+    if outcome and outcome[0] == "error":
+        return {"state": "failed", "detail": outcome[1], "log": log}
+    if outcome and outcome[0] == "success" and not res:
+        return {"state": "finished", "detail": "job returned", "log": None}
+    if record.get("executor") == "slurm":
+        raw = slurm_state(record["job_id"])
+        state = SLURM_STATES.get((raw or "").split()[0].rstrip("+"), "unknown") if raw else "unknown"
+        if state == "completed":   # the scheduler says done, but the job left no result
+            return {"state": "failed", "detail": "job completed without a result", "log": log}
+        return {"state": state, "detail": raw or "not known to the scheduler", "log": log if state in
+                ("failed", "cancelled", "unknown") else None}
+    if _local_alive(record["job_id"]):
+        return {"state": "running", "detail": f"pid {record['job_id']}", "log": None}
+    return {"state": "lost", "detail": "process gone without a result (killed?); re-run the command", "log": log}
+
+
+def sweep_records(results_dir: str) -> List[Path]:
+    folder = Path(os.path.expanduser(str(results_dir))).resolve() / "jobs"
+    return sorted(folder.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name)) if folder.is_dir() else []
+
+
+def status(results_dir: str, sweep: Optional[str] = None) -> List[Dict[str, Any]]:
+    """One dict per job of the chosen sweep (default: the latest), with its state."""
+    records = sweep_records(results_dir)
+    if not records:
+        raise UpbenchError(f"no submitted sweeps under {Path(results_dir).resolve() / 'jobs'}; submit with "
+                           f"`upbench run -m ... hydra/launcher=slurm` (or hydra/launcher=local)")
+    if sweep in (None, "latest"):
+        chosen = [records[-1]]
+    elif sweep == "all":
+        chosen = records
+    else:
+        chosen = [p for p in records if p.stem == sweep]
+        if not chosen:
+            raise UpbenchError(f"unknown sweep '{sweep}'; sweeps: {', '.join(p.stem for p in records)}")
+    out = []
+    for path in chosen:
+        data = json.loads(path.read_text())
+        for record in data["jobs"]:
+            out.append({"sweep": data["sweep"], **record, **job_state(record)})
+    return out
+
+
+def format_status(jobs: List[Dict[str, Any]]) -> str:
+    lines = []
+    for sweep in dict.fromkeys(j["sweep"] for j in jobs):
+        part = [j for j in jobs if j["sweep"] == sweep]
+        counts: Dict[str, int] = {}
+        for j in part:
+            counts[j["state"]] = counts.get(j["state"], 0) + 1
+        lines.append(f"sweep {sweep}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        for j in part:
+            line = f"  #{j['num']:<3} {j['state']:<9} {str(j.get('job_id') or '-'):<12} {j['label']}"
+            if j["state"] not in ("finished", "running", "pending"):
+                line += f"  [{j['detail']}]"
+            if j.get("log"):
+                line += f"  log: {j['log']}"
+            lines.append(line)
+    return "\n".join(lines) + "\n"
