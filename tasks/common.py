@@ -1,7 +1,6 @@
 """Pieces shared by the probe tasks: normalisation, cached backbone features, timed upsampling, LR schedules."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -10,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from upbench.errors import UpbenchError
+from upbench.files import atomic_write
 from upbench.features import FeatureCache
 
 LR_SCHEDULES = ("per_epoch", "per_iter_jafar", "per_iter_total")
@@ -110,10 +110,8 @@ def resize_prediction(pred: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor
 
 
 def _save_probe_state(path: Path, state: Dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)   # a job killed while saving leaves the previous checkpoint intact
+    with atomic_write(path) as tmp:   # a job killed while saving leaves the previous checkpoint intact
+        torch.save(state, tmp)
 
 
 def train_probe(train_set, probe_cfg: Dict[str, Any], params, seed: int,

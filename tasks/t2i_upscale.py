@@ -26,8 +26,8 @@ def preflight(cfg: Dict[str, Any]) -> None:
     if bb.get("kind") != "vae" or bb.get("vae") != "sd15":
         raise UpbenchError(f"task=t2i_upscale needs the SD1.5 VAE as its backbone (backbone=sd15_vae), "
                            f"got backbone={bb.get('name')}")
-    checks = [("VAE", bb.get("name_or_path") or diffusion.SD15_REPO, sd15_weight_files(bb.get("name_or_path") or ""),
-               "backbone.name_or_path"),
+    vae = bb.get("name_or_path") or diffusion.SD15_REPO
+    checks = [("VAE", vae, sd15_weight_files(vae), "backbone.name_or_path"),
               ("SD1.5 text-to-image", task["pipeline"], diffusion.SD_PIPELINE_FILES, "task.pipeline")]
     if task.get("clip_model"):
         checks.append(("CLIP", task["clip_model"], diffusion.CLIP_FILES, "task.clip_model"))
@@ -60,8 +60,9 @@ def run_t2i_upscale(cfg: Dict[str, Any], backbone, upsampler, train_set, val_set
                                       cfg.get("scheduler"))
     clip = diffusion.ClipScore(cfg["clip_model"], device) if cfg.get("clip_model") else None
     patch = int(cfg["pfid_patch"])
-    stats = {k: image_metrics.FeatureStats(p) for k, p in
-             (("real", 0), ("real_p", patch), ("up", 0), ("up_p", patch), ("base", 0), ("base_p", patch // factor))
+    # whole-image and patch statistics per image set; the base images' patches cover the same area at 1/factor
+    stats = {(name, patched): image_metrics.FeatureStats((patch // scale) if patched else 0)
+             for name, scale in (("real", 1), ("up", 1), ("base", factor)) for patched in (False, True)
              } if with_fid else {}
     clip_up: List[float] = []
     clip_base: List[float] = []
@@ -93,23 +94,19 @@ def run_t2i_upscale(cfg: Dict[str, Any], backbone, upsampler, train_set, val_set
         if high.shape[-1] != base * factor:
             raise UpbenchError(f"t2i_upscale: decoded size {tuple(high.shape[-2:])} != {base * factor}")
         if with_fid:
-            real = [it["image"] for it in items]
-            stats["real"].update(real)
-            stats["real_p"].update(real)
-            stats["up"].update(list(high.cpu()))
-            stats["up_p"].update(list(high.cpu()))
-            stats["base"].update(list(low.cpu()))
-            stats["base_p"].update(list(low.cpu()))
+            batch = {"real": [it["image"] for it in items], "up": list(high.cpu()), "base": list(low.cpu())}
+            for (name, _), feature_stats in stats.items():
+                feature_stats.update(batch[name])
         if clip is not None:
             clip_up += clip(list(high), prompts)
             clip_base += clip(list(low), prompts)
         log(f"  {start + len(items)}/{len(val_set)} prompts")
     metrics: Dict[str, Any] = {}
     if with_fid:
-        metrics.update(fid=image_metrics.frechet_distance(stats["real"], stats["up"]),
-                       pfid=image_metrics.frechet_distance(stats["real_p"], stats["up_p"]),
-                       fid_base=image_metrics.frechet_distance(stats["real"], stats["base"]),
-                       pfid_base=image_metrics.frechet_distance(stats["real_p"], stats["base_p"]))
+        for name, suffix in (("up", ""), ("base", "_base")):
+            for patched, metric in ((False, "fid"), (True, "pfid")):
+                metrics[metric + suffix] = image_metrics.frechet_distance(stats[("real", patched)],
+                                                                          stats[(name, patched)])
     if clip is not None:
         metrics.update(clip=sum(clip_up) / len(clip_up), clip_base=sum(clip_base) / len(clip_base))
     return {

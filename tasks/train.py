@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from upbench.errors import UpbenchError
+from upbench.files import atomic_write
 from upbench.results import HASH_EXCLUDE, config_hash
 
 from .common import normalize
@@ -130,9 +131,8 @@ def save_state(path: Path, model, optim, meta: Dict[str, Any]) -> None:
     for idx, state in optim.state_dict()["state"].items():
         for name, value in state.items():
             tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().contiguous().cpu()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
 
 
 def load_state(path: Path, model, optim) -> Dict[str, Any]:
@@ -156,10 +156,15 @@ def load_state(path: Path, model, optim) -> Dict[str, Any]:
 def save_weights(path: Path, model, meta: Dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={k: json.dumps(v) for k, v in meta.items()})
+
+
+def final_weights_path(cfg: Dict[str, Any]) -> Path:
+    """``<train.out_dir>/<upsampler>_<backbone>.safetensors``: where a finished training leaves its weights."""
+    out_dir = Path(os.path.expanduser(str(cfg["train"]["out_dir"])))
+    return out_dir / f"{cfg['upsampler']['name']}_{cfg['backbone']['name']}.safetensors"
 
 
 def train(cfg: Dict[str, Any], backbone, model, device: torch.device, log: Callable[[str], None] = print,
@@ -235,7 +240,7 @@ def train(cfg: Dict[str, Any], backbone, model, device: torch.device, log: Calla
     if bar is not None:
         bar.close()
     model.eval()
-    final = out_dir / f"{cfg['upsampler']['name']}_{cfg['backbone']['name']}.safetensors"
+    final = final_weights_path(cfg)
     save_weights(final, model, {"steps": total_steps, "config_hash": ident, "backbone": cfg["backbone"]["name"],
                                 "in_channels": backbone.channels, "patch_size": backbone.patch_size})
     final.with_suffix(".log.json").write_text(json.dumps({"config": cfg, "history": history}, indent=1, default=str))

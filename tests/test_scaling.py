@@ -1,6 +1,5 @@
 """upbench sweep scaling: the worker's measurements and limits, the orchestration (reuse, stop after a failure),
 the report's slopes / reach / tables / figure, and the CLI (including the --quick grid that CI runs)."""
-import json
 import os
 import subprocess
 import sys

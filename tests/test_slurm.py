@@ -2,9 +2,7 @@
 through the real sbatch path (hydra/launcher=slurm cluster=local).  Needs root and Debian's apt (the script
 exits 3 otherwise, and these tests are skipped with its reason)."""
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 

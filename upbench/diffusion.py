@@ -119,10 +119,13 @@ def missing_weights(name_or_path: str, files: Files, download: bool = True) -> T
 
 
 def _missing_message(what: str, name_or_path: str, missing: Sequence[str], key: str) -> str:
-    where = (f"the local folder {name_or_path}" if is_local(name_or_path) else
-             f"'{name_or_path}' (not in the Hugging Face cache and not downloadable here: offline?)")
-    return (f"{what} weights missing: {', '.join(missing)} from {where}; download them where there is internet "
-            f"(huggingface-cli download {SD15_REPO if key != 'clip' else CLIP_REPO}) and set {key}=/local/folder")
+    if is_local(name_or_path):
+        where, fetch = f"the local folder {name_or_path}", f"the files of {what}"
+    else:
+        where = f"'{name_or_path}' (not in the Hugging Face cache and not downloadable here: offline?)"
+        fetch = f"them (huggingface-cli download {name_or_path})"
+    return f"{what} weights missing: {', '.join(missing)} from {where}; download {fetch} where there is internet " \
+           f"and set {key}=/local/folder"
 
 
 def require_weights(what: str, name_or_path: str, files: Files, key: str) -> Path:

@@ -9,6 +9,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .files import atomic_write
+
 Entry = Tuple[torch.Tensor, torch.Tensor]
 
 
@@ -38,10 +40,8 @@ class FeatureCache:
             entry = tuple(t.detach().cpu() for t in compute())
             self.misses += 1
             if path:
-                os.makedirs(self.directory, exist_ok=True)
-                tmp = f"{path}.{os.getpid()}.tmp"
-                torch.save(list(entry), tmp)
-                os.replace(tmp, path)
+                with atomic_write(path) as tmp:
+                    torch.save(list(entry), tmp)
         self._memory[key] = entry
         return entry
 

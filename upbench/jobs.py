@@ -12,57 +12,49 @@ import pickle
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import results
 from .errors import UpbenchError
 
 
-def _run_result(cfg: Dict[str, Any]) -> Optional[Path]:
-    return results.ResultStore(cfg["paths"]["results"]).path(results.config_hash(cfg))
+def _run_result(cfg: Dict[str, Any]) -> Tuple[Path, bool]:
+    path = results.ResultStore(cfg["paths"]["results"]).path(results.config_hash(cfg))
+    return path, path.is_file()
 
 
-def _train_result(cfg: Dict[str, Any]) -> Optional[Path]:
-    out = Path(os.path.expanduser(str(cfg["train"]["out_dir"])))
-    return out / f"{cfg['upsampler']['name']}_{cfg['backbone']['name']}.safetensors"
+def _train_result(cfg: Dict[str, Any]) -> Tuple[Path, bool]:
+    from tasks.train import final_weights_path
 
-
-def _train_done(cfg: Dict[str, Any], path: Path) -> bool:
-    log = path.with_suffix(".log.json")
-    try:
-        return path.is_file() and json.loads(log.read_text()).get("config") == cfg
+    path = final_weights_path(cfg)
+    try:   # the weights are this config's only if their training log says so
+        done = path.is_file() and json.loads(path.with_suffix(".log.json").read_text()).get("config") == cfg
     except (OSError, json.JSONDecodeError):
-        return False
+        done = False
+    return path, done
 
 
-#: primary config name -> (the file a finished job leaves, is that file this config's)
-RESULTS: Dict[str, tuple] = {
-    "config": (_run_result, lambda cfg, p: p.is_file()),
-    "train": (_train_result, _train_done),
-}
+#: primary config name -> cfg -> (the file a finished job leaves, whether it is there for this config); sweeps
+#: have none: they keep one row per point and skip finished points themselves
+RESULTS: Dict[str, Callable[[Dict[str, Any]], Tuple[Path, bool]]] = {"config": _run_result, "train": _train_result}
 
 
-def config_key(config_name: str, cfg: Dict[str, Any]) -> str:
-    return results.config_hash(cfg)
-
-
-def result_path(config_name: str, cfg: Dict[str, Any]) -> Optional[Path]:
-    """The file a finished job of this config leaves (None for jobs that keep their own per-point results)."""
+def expected_result(config_name: str, cfg: Dict[str, Any]) -> Tuple[Optional[Path], bool]:
+    """(the file a finished job of this config leaves or None, whether it is finished already); with ``force``
+    nothing counts as finished."""
     entry = RESULTS.get(config_name)
-    return entry[0](cfg) if entry else None
+    if entry is None:
+        return None, False
+    path, done = entry(cfg)
+    return path, done and not cfg.get("force")
 
 
-def finished(config_name: str, cfg: Dict[str, Any]) -> Optional[Path]:
-    """The finished result of this config, if there is one (and ``force`` is off)."""
-    entry = RESULTS.get(config_name)
-    if entry is None or cfg.get("force"):
-        return None
-    path = entry[0](cfg)
-    return path if path is not None and entry[1](cfg, path) else None
+def _jobs_dir(results_dir: str) -> Path:
+    return Path(os.path.expanduser(str(results_dir))).resolve() / "jobs"
 
 
 def record_path(results_dir: str, sweep: str) -> Path:
-    return Path(os.path.expanduser(str(results_dir))).resolve() / "jobs" / f"{sweep}.json"
+    return _jobs_dir(results_dir) / f"{sweep}.json"
 
 
 # ---------------------------------------------------------------------------------------------------- scheduler
@@ -151,7 +143,7 @@ def job_state(record: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def sweep_records(results_dir: str) -> List[Path]:
-    folder = Path(os.path.expanduser(str(results_dir))).resolve() / "jobs"
+    folder = _jobs_dir(results_dir)
     return sorted(folder.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name)) if folder.is_dir() else []
 
 

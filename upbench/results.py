@@ -6,14 +6,14 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import socket
-import uuid
 import platform
 import subprocess
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
+
+from .files import atomic_write
 
 #: config keys that do not change what a run computes
 HASH_EXCLUDE = ("paths", "force", "hydra", "threads")
@@ -84,15 +84,11 @@ class ResultStore:
         return json.loads(self.path(key).read_text())
 
     def write(self, row: Dict[str, Any]) -> Path:
-        self.rows_dir.mkdir(parents=True, exist_ok=True)
         dst = self.path(row["config_hash"])
-        # unique per host and process: jobs on several nodes may share one results folder
-        tmp = dst.with_name(f".{dst.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "w") as fh:
+        with atomic_write(dst) as tmp, open(tmp, "w") as fh:
             json.dump(row, fh, indent=1, sort_keys=True, default=str)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, dst)
         return dst
 
     def rows(self) -> List[Dict[str, Any]]:

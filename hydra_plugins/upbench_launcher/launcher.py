@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -21,6 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+from upbench.files import atomic_write
+from upbench.results import config_hash
 
 log = logging.getLogger("upbench.launcher")
 
@@ -33,19 +34,15 @@ FAILED: List[Dict[str, Any]] = []
 
 
 def _plain(cfg: Any) -> Dict[str, Any]:
-    from omegaconf import OmegaConf, open_dict
+    """A job's config as the job itself sees it (Hydra hands the task its config without the ``hydra`` node)."""
+    from omegaconf import open_dict
+
+    from upbench.runner import to_container
 
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.pop("hydra", None)
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    return to_container(cfg)
 
 
 class UpbenchSubmititLauncher(BaseSubmititLauncher):
@@ -80,14 +77,13 @@ class UpbenchSubmititLauncher(BaseSubmititLauncher):
             cfg = _plain(self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides)))
             results_dir = results_dir or cfg["paths"]["results"]
             label = " ".join(filter_overrides(overrides)) or "(defaults)"
-            result = jobs.result_path(config_name, cfg)
+            result, done = jobs.expected_result(config_name, cfg)
             record = {"num": num, "label": label, "overrides": list(overrides), "config_name": config_name,
-                      "config_hash": jobs.config_key(config_name, cfg), "executor": self._EXECUTOR,
+                      "config_hash": config_hash(cfg), "executor": self._EXECUTOR,
                       "result": str(result) if result else None}
-            done = jobs.finished(config_name, cfg)
             if done:
-                log.info(f"#{num} {label}: already finished ({done}); not submitted")
-                records.append({**record, "submitted": False, "finished_before": str(done)})
+                log.info(f"#{num} {label}: already finished ({result}); not submitted")
+                records.append({**record, "submitted": False})
                 continue
             records.append({**record, "submitted": True})
             pending.append((list(overrides), "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state()))
@@ -103,7 +99,8 @@ class UpbenchSubmititLauncher(BaseSubmititLauncher):
         sweep = {"sweep": sweep_dir.name, "sweep_dir": str(sweep_dir), "config_name": config_name,
                  "results": str(Path(results_dir or ".").resolve()), "jobs": records}
         record_path = jobs.record_path(results_dir or ".", sweep_dir.name)
-        _write_json(record_path, sweep)
+        with atomic_write(record_path) as tmp:
+            tmp.write_text(json.dumps(sweep, indent=1, default=str))
         log.info(f"{len(submitted)} of {len(records)} jobs submitted; `upbench status --sweep {sweep_dir.name}` "
                  f"shows their state (record: {record_path})")
         FAILED.clear()
@@ -124,9 +121,10 @@ class UpbenchSubmititLauncher(BaseSubmititLauncher):
                     still.append((record, job))
                     continue
                 st = jobs.job_state(record)
+                if st["state"] == "unknown":   # e.g. not yet visible to the scheduler's queries
+                    unknown[record["job_id"]] = unknown.get(record["job_id"], 0) + 1
                 if st["state"] in ("running", "pending") or (
-                        st["state"] == "unknown" and unknown.setdefault(record["job_id"], 0) < unknown_limit):
-                    unknown[record["job_id"]] = unknown.get(record["job_id"], 0) + (st["state"] == "unknown")
+                        st["state"] == "unknown" and unknown[record["job_id"]] <= unknown_limit):
                     still.append((record, job))
                     continue
                 if st["state"] == "finished":

@@ -16,6 +16,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from upbench.errors import UpbenchError
+from upbench.files import atomic_write
 
 from .base import (DATASETS, GeneratedItems, list_images, missing_data, resize_center_crop_image,
                    short_side_crop_box)
@@ -213,10 +214,8 @@ class CocoPseudoDepth(DepthDataset):
                     pred = model(**processor(images=rgb, return_tensors="pt")).predicted_depth
                 pred = F.interpolate(pred[:, None], size=(rgb.height, rgb.width), mode="bilinear",
                                      align_corners=False)[0, 0]
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.npy")
-            np.save(tmp, pred.numpy().astype(np.float32))
-            os.replace(tmp, path)
+            with atomic_write(path) as tmp, open(tmp, "wb") as fh:   # a file object: np.save adds no suffix
+                np.save(fh, pred.numpy().astype(np.float32))
         return np.load(path)
 
 
