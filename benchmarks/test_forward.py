@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-import upsamplers
+from upbench import upsamplers
 
 ROUNDS = int(os.environ.get("UPBENCH_BENCH_ROUNDS", "3"))
 FEATURE_UPSAMPLERS = [n for n in upsamplers.available() if n != "uplift_vae"]

@@ -11,9 +11,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from upbench.errors import UpbenchError
+from upbench.protocols import Job, Metric, Pipeline, TableSpec, Task
 
 from . import register
-from .common import FeatureSource, resize_prediction, timing_summary, train_probe
+from ._probe import resize_prediction, train_probe
 
 MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0
 METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "log_rmse", "log10", "silog")
@@ -90,64 +91,70 @@ def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, min_depth: float = MIN_D
     }
 
 
-def head_input(source: FeatureSource, item: Dict[str, Any], flip: bool, size, use_cls: bool) -> torch.Tensor:
+def head_input(pipe: Pipeline, item: Dict[str, Any], flip: bool, size, use_cls: bool) -> torch.Tensor:
     """Upsampled features, optionally concatenated with the L2-normalised CLS token broadcast to every pixel."""
-    feats = source.high_res(item, flip, size)
+    feats = pipe.item_upsampled(item, flip, size)
     if not use_cls:
         return feats
-    _, prefix = source.low_res(item, flip)
+    _, prefix = pipe.item_features(item, flip)
     if prefix.shape[0] == 0:
-        raise UpbenchError(f"backbone '{source.backbone.name}' has no CLS token; use task.probe.cls_token=false")
+        raise UpbenchError(f"backbone '{pipe.backbone.name}' has no CLS token; use task.probe.cls_token=false")
     cls = F.normalize(prefix[0].float(), dim=0).to(feats.device)
     return torch.cat([feats, cls[:, None, None].expand(-1, *feats.shape[-2:])], 0)
 
 
 @register("depth")
-def run_depth(cfg: Dict[str, Any], backbone, upsampler, train_set, val_set, device: torch.device, cache,
-              log=print) -> Dict[str, Any]:
-    if getattr(train_set, "kind", None) != "depth":
-        raise UpbenchError(f"task=depth needs a depth dataset (nyuv2, coco_depth, depth_folder, middlebury, "
-                           f"demo_depth); got '{getattr(train_set, 'name', type(train_set).__name__)}'")
-    probe_cfg = cfg["probe"]
-    use_cls = bool(probe_cfg["cls_token"])
-    size = (train_set.img_size, train_set.img_size)
-    source = FeatureSource(backbone, upsampler, device, cache, train_set.img_size, cfg["guidance_norm"],
-                           float(cfg["cache"]["upsampled_gb"]))
-    head = BinDepthHead(backbone.channels * (2 if use_cls else 1), int(probe_cfg["bins"]),
-                        float(probe_cfg["min_depth"]), float(probe_cfg["max_depth"])).to(device)
-    warmup_iters, grad_w = int(probe_cfg["sig_warmup_iters"]), float(probe_cfg["gradient_weight"])
-    max_depth = float(probe_cfg["max_depth"])
+class DepthProbe(Task):
+    dataset_kinds = ("depth",)
+    dataset_hint = "a depth dataset (nyuv2, coco_depth, depth_folder, middlebury, demo_depth)"
+    table = TableSpec(
+        title="Depth linear probes",
+        metrics=(Metric("d1", "δ1"), Metric("rmse", "RMSE", "min", "{:.3f}")),
+        group_by=("backbone", "config.task.probe.lr_schedule"),
+        paper={"dinov2_s14": "table1"},
+        paper_datasets={"coco_depth": "cocostuff"},   # the papers' depth probe runs on COCO images
+        paper_metrics={"d1": "delta1"},
+        position=20,
+    )
 
-    def batch_loss(items, flips, step):
-        x = torch.stack([head_input(source, it, f, size, use_cls) for it, f in zip(items, flips)]).to(device)
-        gt = torch.stack([it["depth"].flip(-1) if f else it["depth"] for it, f in zip(items, flips)])[:, None]
-        gt = gt.to(device)
-        pred = resize_prediction(head(x), gt.shape[-2:])
-        mask = valid_mask(gt, max_depth)
-        return sig_loss(pred, gt, mask, warmup=step < warmup_iters) + grad_w * gradient_loss(pred, gt, mask)
+    def run(self, job: Job) -> Dict[str, Any]:
+        pipe, device, train_set, val_set = job.pipe, job.device, job.train_set, job.val_set
+        probe_cfg = job.cfg["probe"]
+        use_cls = bool(probe_cfg["cls_token"])
+        size = (train_set.img_size, train_set.img_size)
+        head = BinDepthHead(pipe.backbone.channels * (2 if use_cls else 1), int(probe_cfg["bins"]),
+                            float(probe_cfg["min_depth"]), float(probe_cfg["max_depth"])).to(device)
+        warmup_iters, grad_w = int(probe_cfg["sig_warmup_iters"]), float(probe_cfg["gradient_weight"])
+        max_depth = float(probe_cfg["max_depth"])
 
-    epoch_s, losses = train_probe(train_set, probe_cfg, head.parameters(), cfg["seed"], batch_loss, log,
-                                  checkpoint=cfg.get("checkpoint"))
-
-    per_image: List[Dict[str, float]] = []
-    with torch.inference_mode():
-        for i in range(len(val_set)):
-            item = val_set[i]
-            x = head_input(source, item, False, (val_set.img_size, val_set.img_size), use_cls)[None].to(device)
-            gt = item["depth"].to(device)
+        def batch_loss(items, flips, step):
+            x = torch.stack([head_input(pipe, it, f, size, use_cls) for it, f in zip(items, flips)]).to(device)
+            gt = torch.stack([it["depth"].flip(-1) if f else it["depth"] for it, f in zip(items, flips)])[:, None]
+            gt = gt.to(device)
             pred = resize_prediction(head(x), gt.shape[-2:])
-            m = depth_metrics(pred[0, 0], gt, float(probe_cfg["min_depth"]), max_depth)
-            if m is not None:
-                per_image.append(m)
-    if not per_image:
-        raise UpbenchError("depth: no validation image has ground truth inside (min_depth, max_depth)")
-    metrics = {k: sum(m[k] for m in per_image) / len(per_image) for k in METRICS}
-    metrics["final_train_loss"] = losses[-1] if losses else None
-    return {
-        "metrics": metrics,
-        "timing": {"upsampler_ms": timing_summary(source.upsampler_s), "backbone_ms": timing_summary(source.backbone_s),
-                   "probe_epoch_s": sum(epoch_s) / max(1, len(epoch_s)), "probe_epochs_s": epoch_s,
-                   "upsampled_cached": source.caches_upsampled},
-        "data": {"n_train": len(train_set), "n_val": len(val_set), "n_val_scored": len(per_image),
-                 "img_size": train_set.img_size, "head_input": "features+cls" if use_cls else "features"},
-    }
+            mask = valid_mask(gt, max_depth)
+            return sig_loss(pred, gt, mask, warmup=step < warmup_iters) + grad_w * gradient_loss(pred, gt, mask)
+
+        epoch_s, losses = train_probe(train_set, probe_cfg, head.parameters(), job.seed, batch_loss, job.log,
+                                      checkpoint=job.checkpoint)
+
+        per_image: List[Dict[str, float]] = []
+        with torch.inference_mode():
+            for i in range(len(val_set)):
+                item = val_set[i]
+                x = head_input(pipe, item, False, (val_set.img_size, val_set.img_size), use_cls)[None].to(device)
+                gt = item["depth"].to(device)
+                pred = resize_prediction(head(x), gt.shape[-2:])
+                m = depth_metrics(pred[0, 0], gt, float(probe_cfg["min_depth"]), max_depth)
+                if m is not None:
+                    per_image.append(m)
+        if not per_image:
+            raise UpbenchError("depth: no validation image has ground truth inside (min_depth, max_depth)")
+        metrics: Dict[str, Any] = {k: sum(m[k] for m in per_image) / len(per_image) for k in METRICS}
+        metrics["final_train_loss"] = losses[-1] if losses else None
+        return {
+            "metrics": metrics,
+            "timing": {"probe_epoch_s": sum(epoch_s) / max(1, len(epoch_s)), "probe_epochs_s": epoch_s},
+            "data": {"n_train": len(train_set), "n_val": len(val_set), "n_val_scored": len(per_image),
+                     "img_size": train_set.img_size, "head_input": "features+cls" if use_cls else "features"},
+        }

@@ -4,36 +4,38 @@ backbone's own features of the same image at 2R (the self-supervision target of 
 Reports MSE and mean cosine similarity per image, averaged; the guidance image is the R-resolution image."""
 from __future__ import annotations
 
-import time
 from typing import Any, Dict
 
-import torch
 from torch.nn import functional as F
 
+from upbench.protocols import Job, Metric, TableSpec, Task
+from upbench.transforms import resize
+
 from . import register
-from .common import normalize, timing_summary
 
 
 @register("recon")
-def run_recon(cfg: Dict[str, Any], backbone, upsampler, train_set, val_set, device: torch.device, cache,
-              log=print) -> Dict[str, Any]:
-    factor = int(cfg.get("factor", 2))
-    mse, cos, times = [], [], []
-    with torch.inference_mode():
+class FeatureReconstruction(Task):
+    dataset_kinds = None   # any set with images
+    table = TableSpec(
+        title="Feature reconstruction (2x, vs backbone features of the 2x image)",
+        metrics=(Metric("mse", "MSE", "min", "{:.4f}"), Metric("cosine", "Cosine", "max", "{:.4f}")),
+        position=50,
+    )
+
+    def run(self, job: Job) -> Dict[str, Any]:
+        pipe, val_set = job.pipe, job.val_set
+        factor = int(job.cfg.get("factor", 2))
+        mse, cos = [], []
         for i in range(len(val_set)):
-            full = val_set[i]["image"][None].to(device)                      # 2R
+            full = val_set[i]["image"][None].to(job.device)                    # 2R
             H, W = full.shape[-2:]
-            low = F.interpolate(full, size=(H // factor, W // factor), mode="bilinear", align_corners=False,
-                                antialias=True)                                # R
-            target, _ = backbone(normalize(full, backbone.mean, backbone.std))
-            feats, _ = backbone(normalize(low, backbone.mean, backbone.std))
-            guide = normalize(low, upsampler.image_mean, upsampler.image_std)
-            t0 = time.perf_counter()
-            pred = upsampler(guide, feats, tuple(target.shape[-2:]))
-            times.append(time.perf_counter() - t0)
+            low = resize(full, (H // factor, W // factor), antialias=True)   # R
+            target, _ = pipe.encode(full)
+            feats, _ = pipe.encode(low)
+            pred = pipe.upsample(low, feats, tuple(target.shape[-2:]))
             mse.append(float(F.mse_loss(pred.float(), target.float())))
             cos.append(float(F.cosine_similarity(pred.float(), target.float(), dim=1).mean()))
-    n = max(1, len(mse))
-    return {"metrics": {"mse": sum(mse) / n, "cosine": sum(cos) / n},
-            "timing": {"upsampler_ms": timing_summary(times)},
-            "data": {"n_val": len(val_set), "img_size": val_set.img_size, "factor": factor}}
+        n = max(1, len(mse))
+        return {"metrics": {"mse": sum(mse) / n, "cosine": sum(cos) / n},
+                "data": {"n_val": len(val_set), "img_size": val_set.img_size, "factor": factor}}

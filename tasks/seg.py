@@ -8,55 +8,56 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from upbench.errors import UpbenchError
+from upbench.protocols import Job, Metric, TableSpec, Task
 
 from . import register
-from .common import FeatureSource, resize_prediction, timing_summary, train_probe
+from ._probe import resize_prediction, train_probe
 
 
 @register("seg")
-def run_seg(cfg: Dict[str, Any], backbone, upsampler, train_set, val_set, device: torch.device, cache,
-            log=print) -> Dict[str, Any]:
-    from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+class SegProbe(Task):
+    dataset_kinds = ("seg",)
+    dataset_hint = "a segmentation dataset (voc, ade20k, cityscapes, cocostuff, demo)"
+    table = TableSpec(
+        title="Segmentation linear probes",
+        metrics=(Metric("miou", "mIoU"), Metric("acc", "Acc")),
+        group_by=("backbone", "config.task.probe.lr_schedule"),
+        paper={"dinov2_s14": "table1", "dinov3_splus16": "table8"},
+        position=10,
+    )
 
-    if getattr(train_set, "kind", "seg") != "seg":
-        raise UpbenchError(f"task=seg needs a segmentation dataset; '{train_set.name}' is a {train_set.kind} dataset "
-                           f"(use task={train_set.kind})")
-    probe_cfg = cfg["probe"]
-    num_classes, ignore = train_set.num_classes, train_set.ignore_index
-    size = (train_set.img_size, train_set.img_size)
-    budget = float(cfg["cache"]["upsampled_gb"])
-    source = FeatureSource(backbone, upsampler, device, cache, train_set.img_size, cfg["guidance_norm"], budget)
+    def run(self, job: Job) -> Dict[str, Any]:
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-    probe = nn.Conv2d(backbone.channels, num_classes, 1).to(device)
+        pipe, device, train_set, val_set = job.pipe, job.device, job.train_set, job.val_set
+        probe_cfg = job.cfg["probe"]
+        num_classes, ignore = train_set.num_classes, train_set.ignore_index
+        size = (train_set.img_size, train_set.img_size)
+        probe = nn.Conv2d(pipe.backbone.channels, num_classes, 1).to(device)
 
-    def batch_loss(items, flips, _step):
-        feats = torch.stack([source.high_res(it, f, size) for it, f in zip(items, flips)]).to(device)
-        labels = torch.stack([it["label"].flip(-1) if f else it["label"] for it, f in zip(items, flips)])
-        logits = resize_prediction(probe(feats), labels.shape[-2:])
-        return F.cross_entropy(logits, labels.to(device), ignore_index=ignore)
+        def batch_loss(items, flips, _step):
+            feats = torch.stack([pipe.item_upsampled(it, f, size) for it, f in zip(items, flips)]).to(device)
+            labels = torch.stack([it["label"].flip(-1) if f else it["label"] for it, f in zip(items, flips)])
+            logits = resize_prediction(probe(feats), labels.shape[-2:])
+            return F.cross_entropy(logits, labels.to(device), ignore_index=ignore)
 
-    epoch_s, losses = train_probe(train_set, probe_cfg, probe.parameters(), cfg["seed"], batch_loss, log,
-                                  checkpoint=cfg.get("checkpoint"))
+        epoch_s, losses = train_probe(train_set, probe_cfg, probe.parameters(), job.seed, batch_loss, job.log,
+                                      checkpoint=job.checkpoint)
 
-    miou = MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=ignore).to(device)
-    acc = MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=ignore).to(device)
-    with torch.inference_mode():
-        for i in range(len(val_set)):
-            item = val_set[i]
-            feats = source.high_res(item, False, (val_set.img_size, val_set.img_size))[None].to(device)
-            label = item["label"][None].to(device)
-            pred = resize_prediction(probe(feats), label.shape[-2:]).argmax(1)
-            miou.update(pred, label)
-            acc.update(pred, label)
-    return {
-        "metrics": {"miou": float(miou.compute()) * 100, "acc": float(acc.compute()) * 100,
-                    "final_train_loss": losses[-1] if losses else None},
-        "timing": {"upsampler_ms": timing_summary(source.upsampler_s),
-                   "backbone_ms": timing_summary(source.backbone_s),
-                   "probe_epoch_s": sum(epoch_s) / max(1, len(epoch_s)),
-                   "probe_epochs_s": epoch_s,
-                   "upsampled_cached": source.caches_upsampled},
-        "data": {"n_train": len(train_set), "n_val": len(val_set), "img_size": train_set.img_size,
-                 "num_classes": num_classes},
-    }
+        miou = MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=ignore).to(device)
+        acc = MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=ignore).to(device)
+        with torch.inference_mode():
+            for i in range(len(val_set)):
+                item = val_set[i]
+                feats = pipe.item_upsampled(item, False, (val_set.img_size, val_set.img_size))[None].to(device)
+                label = item["label"][None].to(device)
+                pred = resize_prediction(probe(feats), label.shape[-2:]).argmax(1)
+                miou.update(pred, label)
+                acc.update(pred, label)
+        return {
+            "metrics": {"miou": float(miou.compute()) * 100, "acc": float(acc.compute()) * 100,
+                        "final_train_loss": losses[-1] if losses else None},
+            "timing": {"probe_epoch_s": sum(epoch_s) / max(1, len(epoch_s)), "probe_epochs_s": epoch_s},
+            "data": {"n_train": len(train_set), "n_val": len(val_set), "img_size": train_set.img_size,
+                     "num_classes": num_classes},
+        }

@@ -1,4 +1,4 @@
-"""Self-supervised training of a multi-step upsampler with UPLiFT's multi-depth loss.
+"""Self-supervised training of a multi-step upsampler with UPLiFT's multi-depth loss (``upbench train``).
 
 Image pyramid S, S/2, ..., S/2^D with frozen backbone features at every level.  For each depth d: the input is the
 image and features at S/2^d, the upsampler runs d 2x steps, and step k is compared with the backbone features of
@@ -9,86 +9,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
 from upbench.errors import UpbenchError
 from upbench.files import atomic_write
-from upbench.results import HASH_EXCLUDE, config_hash
+from upbench.protocols import Job, Task
+from upbench.results import HASH_EXCLUDE, config_hash, train_weights_path
+from upbench.transforms import resize
 
-from .common import normalize
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                  "retina", "grass", "gravel", "brick", "camera", "moon", "coins", "page")
-
-
-def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-
-class TrainImages(torch.utils.data.Dataset):
-    """Square training images in [0, 1] at ``img_size`` from a folder (recursive) or ``builtin:skimage``."""
-
-    def __init__(self, root: str, img_size: int, resize: str = "short_side_crop", crops_per_image: int = 1,
-                 limit: Optional[int] = None, seed: int = 0):
-        self.img_size, self.resize, self.crops = int(img_size), resize, max(1, int(crops_per_image))
-        if resize not in ("short_side_crop", "square"):
-            raise UpbenchError(f"unknown data.resize '{resize}'; valid: short_side_crop, square")
-        if str(root).startswith("builtin:"):
-            name = str(root).split(":", 1)[1]
-            if name != "skimage":
-                raise UpbenchError(f"unknown builtin image set '{name}'; valid: builtin:skimage")
-            self.sources: List[Any] = list(SKIMAGE_PHOTOS)
-        else:
-            folder = Path(os.path.expanduser(str(root)))
-            self.sources = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
-            if not self.sources:
-                raise UpbenchError(f"no images (jpg/png/...) found under data.root={root}; point it at an image folder")
-        self.sources = self.sources[: limit or None]
-        rng = np.random.default_rng(seed)
-        # (source index, crop box as fractions) -- fixed once, so features can be cached and resumes are exact
-        self.items = [(i, rng.uniform(size=3)) for i in range(len(self.sources)) for _ in range(self.crops)]
-        self._cache: Dict[int, np.ndarray] = {}
-
-    def _load(self, i: int) -> np.ndarray:
-        if i not in self._cache:
-            src = self.sources[i]
-            if src in SKIMAGE_PHOTOS:
-                from skimage import data
-
-                arr = getattr(data, src)()
-            else:
-                from PIL import Image
-
-                with Image.open(src) as im:
-                    arr = np.asarray(im.convert("RGB"))
-            if arr.ndim == 2:
-                arr = np.repeat(arr[..., None], 3, axis=2)
-            self._cache[i] = np.ascontiguousarray(arr[..., :3])
-        return self._cache[i]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        src, (fs, fy, fx) = self.items[index]
-        img = torch.from_numpy(self._load(src)).permute(2, 0, 1)[None].float() / 255.0
-        H, W = img.shape[-2:]
-        S = self.img_size
-        if self.resize == "square" and self.crops == 1:
-            return _resize(img, (S, S))[0]
-        side = min(H, W)
-        if self.crops > 1:  # random square crop between half and all of the short side
-            side = int(side * (0.5 + 0.5 * fs))
-        y, x = int((H - side) * (fy if self.crops > 1 else 0.5)), int((W - side) * (fx if self.crops > 1 else 0.5))
-        return _resize(img[..., y:y + side, x:x + side], (S, S))[0]
+from . import register
 
 
 def pyramid_sizes(img_size: int, patch: int, levels: int) -> List[int]:
@@ -100,9 +34,11 @@ def pyramid_sizes(img_size: int, patch: int, levels: int) -> List[int]:
 
 
 def multi_depth_loss(model, images: Sequence[torch.Tensor], feats: Sequence[torch.Tensor], depths: Sequence[int],
-                     loss: str, guide_mean, guide_std, input_noise: float = 0.0) -> Tuple[torch.Tensor, Dict[int, float]]:
-    """``images[l]`` / ``feats[l]``: the batch and its backbone features at S/2^l.  ``input_noise``: std of Gaussian
-    noise added to each depth's input features (latent noise augmentation for VAE latents; targets stay clean)."""
+                     loss: str, guidance: Callable[[torch.Tensor], torch.Tensor],
+                     input_noise: float = 0.0) -> Tuple[torch.Tensor, Dict[int, float]]:
+    """``images[l]`` / ``feats[l]``: the batch ([0, 1] images) and its backbone features at S/2^l; ``guidance``
+    normalises an image for the upsampler (:meth:`Pipeline.guidance`).  ``input_noise``: std of Gaussian noise
+    added to each depth's input features (latent noise augmentation for VAE latents; targets stay clean)."""
     def dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if loss == "l2":
             return F.mse_loss(a, b)
@@ -114,7 +50,7 @@ def multi_depth_loss(model, images: Sequence[torch.Tensor], feats: Sequence[torc
 
     total, per_depth = 0.0, {}
     for d in depths:
-        guide = normalize(images[d], guide_mean, guide_std)
+        guide = guidance(images[d])
         x = feats[d] + input_noise * torch.randn_like(feats[d]) if input_noise else feats[d]
         steps = model.forward_steps(guide, x, iters=d)
         term = sum(dist(step, feats[d - k]) for k, step in enumerate(steps, start=1))
@@ -161,90 +97,87 @@ def save_weights(path: Path, model, meta: Dict[str, Any]) -> None:
                   metadata={k: json.dumps(v) for k, v in meta.items()})
 
 
-def final_weights_path(cfg: Dict[str, Any]) -> Path:
-    """``<train.out_dir>/<upsampler>_<backbone>.safetensors``: where a finished training leaves its weights."""
-    out_dir = Path(os.path.expanduser(str(cfg["train"]["out_dir"])))
-    return out_dir / f"{cfg['upsampler']['name']}_{cfg['backbone']['name']}.safetensors"
+@register("train")
+class MultiDepthTraining(Task):
+    """``upbench train``: the job's upsampler is trained (not frozen); the result is a weights file, not a row."""
 
+    makes_rows = False
+    dataset_kinds = ("train_images",)
+    dataset_hint = "training images (data.root=<image folder> or builtin:skimage)"
 
-def train(cfg: Dict[str, Any], backbone, model, device: torch.device, log: Callable[[str], None] = print,
-          progress: bool = True) -> Dict[str, Any]:
-    tcfg, dcfg = cfg["train"], cfg["data"]
-    if not hasattr(model, "forward_steps"):
-        raise UpbenchError(f"upsampler '{cfg['upsampler']['name']}' has no multi-step forward_steps(); "
-                           "upbench train supports iterative upsamplers such as uplift")
-    depths = sorted(int(d) for d in tcfg["depths"])
-    sizes = pyramid_sizes(int(dcfg["img_size"]), backbone.patch_size, max(depths))
-    data = TrainImages(dcfg["root"], dcfg["img_size"], dcfg.get("resize", "short_side_crop"),
-                       dcfg.get("crops_per_image", 1), dcfg.get("limit"), seed=int(cfg["seed"]))
-    bs = int(tcfg["batch_size"])
-    steps_per_epoch = math.ceil(len(data) / bs)
-    total_steps = steps_per_epoch * int(tcfg["epochs"])
-    if tcfg.get("max_steps"):
-        total_steps = min(total_steps, int(tcfg["max_steps"]))
+    def run(self, job: Job) -> Dict[str, Any]:
+        cfg, pipe, device, log, data = job.full_cfg, job.pipe, job.device, job.log, job.train_set
+        tcfg = cfg["train"]
+        model = pipe.upsampler
+        if not hasattr(model, "forward_steps"):
+            raise UpbenchError(f"upsampler '{cfg['upsampler']['name']}' has no multi-step forward_steps(); "
+                               "upbench train supports iterative upsamplers such as uplift")
+        depths = sorted(int(d) for d in tcfg["depths"])
+        sizes = pyramid_sizes(int(cfg["data"]["img_size"]), pipe.backbone.patch_size, max(depths))
+        bs = int(tcfg["batch_size"])
+        steps_per_epoch = math.ceil(len(data) / bs)
+        total_steps = steps_per_epoch * int(tcfg["epochs"])
+        if tcfg.get("max_steps"):
+            total_steps = min(total_steps, int(tcfg["max_steps"]))
 
-    out_dir = Path(os.path.expanduser(str(tcfg["out_dir"])))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state_path = out_dir / "train_state.safetensors"
-    ident = config_hash(cfg, exclude=HASH_EXCLUDE + ("device",))
-    torch.manual_seed(int(cfg["seed"]))
-    model.to(device).train()
-    optim = torch.optim.Adam(model.parameters(), lr=float(tcfg["lr"]))
-    step, history = 0, []
-    if tcfg.get("resume", True) and state_path.exists():
-        meta = load_state(state_path, model, optim)
-        if meta.get("config_hash") != ident:
-            raise UpbenchError(f"{state_path} belongs to a different training config; use another train.out_dir "
-                               "or train.resume=false")
-        step, history = int(meta["step"]), list(meta.get("history", []))
-        log(f"resumed from step {step}/{total_steps} ({state_path})")
+        out_dir = Path(job.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state_path = out_dir / "train_state.safetensors"
+        ident = config_hash(cfg, exclude=HASH_EXCLUDE + ("device",))
+        torch.manual_seed(job.seed)
+        model.to(device).train()
+        optim = torch.optim.Adam(model.parameters(), lr=float(tcfg["lr"]))
+        step, history = 0, []
+        if tcfg.get("resume", True) and state_path.exists():
+            meta = load_state(state_path, model, optim)
+            if meta.get("config_hash") != ident:
+                raise UpbenchError(f"{state_path} belongs to a different training config; use another train.out_dir "
+                                   "or train.resume=false")
+            step, history = int(meta["step"]), list(meta.get("history", []))
+            log(f"resumed from step {step}/{total_steps} ({state_path})")
 
-    cache: Dict[int, List[torch.Tensor]] = {}
+        source = getattr(data, "identity", "train_images")
 
-    def pyramid(index: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        img = data[index][None]
-        images = [img if s == sizes[0] else _resize(img, (s, s)) for s in sizes]
-        if index in cache:
-            return images, cache[index]
-        with torch.no_grad():
-            feats = [backbone(normalize(im.to(device), backbone.mean, backbone.std))[0].cpu() for im in images]
-        if tcfg.get("cache_features", True):
-            cache[index] = feats
-        return images, feats
+        def pyramid(index: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+            img = data[index][None]
+            images = [img if s == sizes[0] else resize(img, (s, s), antialias=True) for s in sizes]
+            feats = [pipe.features(im[0], key=(source, index, s))[0][None] for im, s in zip(images, sizes)]
+            return images, feats
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
+        bar = None
+        if job.progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
-    t0 = time.perf_counter()
-    while step < total_steps:
-        epoch, pos = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(int(cfg["seed"]) * 100003 + epoch))
-        idx = order[pos * bs:(pos + 1) * bs].tolist()
-        pairs = [pyramid(i) for i in idx]
-        images = [torch.cat([p[0][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
-        feats = [torch.cat([p[1][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
-        loss, per_depth = multi_depth_loss(model, images, feats, depths, tcfg["loss"], model.image_mean, model.image_std,
-                                           float(tcfg.get("latent_noise") or 0.0))
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        step += 1
-        history.append({"step": step, "loss": loss.item(), **{f"d{d}": v for d, v in per_depth.items()}})
+            bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        while step < total_steps:
+            epoch, pos = divmod(step, steps_per_epoch)
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(job.seed * 100003 + epoch))
+            idx = order[pos * bs:(pos + 1) * bs].tolist()
+            pairs = [pyramid(i) for i in idx]
+            images = [torch.cat([p[0][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
+            feats = [torch.cat([p[1][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
+            loss, per_depth = multi_depth_loss(model, images, feats, depths, tcfg["loss"], pipe.guidance,
+                                               float(tcfg.get("latent_noise") or 0.0))
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            step += 1
+            history.append({"step": step, "loss": loss.item(), **{f"d{d}": v for d, v in per_depth.items()}})
+            if bar is not None:
+                bar.set_postfix({f"d{d}": f"{v:.4f}" for d, v in per_depth.items()})
+                bar.update(1)
+            if step % int(tcfg["save_every"]) == 0 or step == total_steps:
+                save_state(state_path, model, optim, {"step": step, "config_hash": ident, "history": history})
         if bar is not None:
-            bar.set_postfix({f"d{d}": f"{v:.4f}" for d, v in per_depth.items()})
-            bar.update(1)
-        if step % int(tcfg["save_every"]) == 0 or step == total_steps:
-            save_state(state_path, model, optim, {"step": step, "config_hash": ident, "history": history})
-    if bar is not None:
-        bar.close()
-    model.eval()
-    final = final_weights_path(cfg)
-    save_weights(final, model, {"steps": total_steps, "config_hash": ident, "backbone": cfg["backbone"]["name"],
-                                "in_channels": backbone.channels, "patch_size": backbone.patch_size})
-    final.with_suffix(".log.json").write_text(json.dumps({"config": cfg, "history": history}, indent=1, default=str))
-    if not tcfg.get("keep_state", False):
-        state_path.unlink(missing_ok=True)  # finished: the resumable state is no longer needed
-    log(f"trained {total_steps} steps in {time.perf_counter() - t0:.1f}s (this run); weights: {final}")
-    return {"weights": str(final), "steps": total_steps, "history": history}
+            bar.close()
+        model.eval()
+        final = train_weights_path(cfg)
+        save_weights(final, model, {"steps": total_steps, "config_hash": ident, "backbone": cfg["backbone"]["name"],
+                                    "in_channels": pipe.backbone.channels, "patch_size": pipe.backbone.patch_size})
+        final.with_suffix(".log.json").write_text(json.dumps({"config": cfg, "history": history}, indent=1,
+                                                             default=str))
+        if not tcfg.get("keep_state", False):
+            state_path.unlink(missing_ok=True)  # finished: the resumable state is no longer needed
+        log(f"trained {total_steps} steps in {time.perf_counter() - t0:.1f}s (this run); weights: {final}")
+        return {"weights": str(final), "steps": total_steps, "history": history}

@@ -24,6 +24,8 @@ def assets() -> Path:
 
 # Never wait for hub retries in tests: offline failures must be immediate.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The real TAEF2 weights are among the shared assets (subprocesses inherit this).
+os.environ.setdefault("UPBENCH_TAEF2_DIR", str(ASSETS / "weights"))
 
 
 @pytest.fixture
@@ -53,3 +55,26 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 t.copy_(torch.randn(t.shape, generator=g) * 0.1)
     return model.eval()
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch, tmp_path):
+    """``upbench <args>`` in this process (``upbench.cli:main``, the console script's entry point): for checks of what
+    a command prints and its exit code that do not need a process of their own.  Returns returncode / stdout /
+    stderr like ``subprocess.run``."""
+    from types import SimpleNamespace
+
+    from upbench.cli import main
+
+    def run(args, results=None):
+        monkeypatch.setenv("UPBENCH_RESULTS", str(results or tmp_path / "results"))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+
+    return run

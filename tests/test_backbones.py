@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from upbench.backbones import TimmViT, create_backbone, efficientnet_lite0_weights
+from upbench.backbones.timm_models import TimmViT, efficientnet_lite0_weights
+from upbench.pipeline import build_backbone as create_backbone
 from upbench.errors import UpbenchError
 
 
@@ -15,7 +16,7 @@ def _photo(name):
 def test_demo_weights_remap_gives_a_real_imagenet_classifier():
     import timm
 
-    from upbench.backbones import _load_local_weights
+    from upbench.backbones.timm_models import _load_local_weights
 
     model = timm.create_model("efficientnet_lite0", pretrained=False).eval()
     _load_local_weights(model, efficientnet_lite0_weights(), remap="positional")

@@ -12,8 +12,8 @@ def run(args, tmp_path, **env):
     return subprocess.run(UPBENCH + args, capture_output=True, text=True, cwd=tmp_path, env=full_env, timeout=600)
 
 
-def test_list_names_every_group(tmp_path):
-    out = run(["list"], tmp_path)
+def test_list_names_every_group(cli):
+    out = cli(["list"])
     assert out.returncode == 0
     assert "bilinear" in out.stdout and "demo" in out.stdout and "seg" in out.stdout and "voc" in out.stdout
 
@@ -24,8 +24,8 @@ def test_list_names_every_group(tmp_path):
     (["run", "dataset=imagenet"], "unknown dataset 'imagenet'"),
     (["frobnicate"], "unknown command 'frobnicate'"),
 ])
-def test_bad_names_one_line_exit_2(tmp_path, args, needle):
-    out = run(args, tmp_path)
+def test_bad_names_one_line_exit_2(cli, args, needle):
+    out = cli(args)
     assert out.returncode == 2
     assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
 

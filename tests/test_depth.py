@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ASSETS, need
-from tasks.depth import BinDepthHead, depth_metrics, gradient_loss, sig_loss, valid_mask
+from upbench.tasks.depth import BinDepthHead, depth_metrics, gradient_loss, sig_loss, valid_mask
 from upbench.data import DATASETS
 from upbench.errors import UpbenchError
 

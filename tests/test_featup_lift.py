@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import upsamplers
+from upbench import upsamplers
 from upbench.errors import UpbenchError
-from upsamplers.featup import FeatUpJBU, adaptive_conv, adaptive_conv_reference
-from upsamplers.lift import LiFT, LiFT2x
+from upbench.upsamplers.featup import FeatUpJBU, adaptive_conv, adaptive_conv_reference
+from upbench.upsamplers.lift import LiFT, LiFT2x
 from conftest import randomise
 
 

@@ -110,3 +110,18 @@ def test_generative_needs_a_vae_and_images(tmp_path):
     with pytest.raises(UpbenchError, match="needs an image set"):
         run_job(_gen_cfg(tmp_path, "dataset=demo_depth", "dataset.img_size=64", "dataset.num_images=2"),
                 log=lambda *_: None)
+
+
+def test_trace_sqrt_product_is_exact_on_both_paths():
+    """tr((S_a S_b)^1/2) from kept features (SVD of an n_a x n_b matrix), from streamed statistics (symmetric square
+    root), and from the general eigendecomposition of S_a S_b (torchmetrics' way) agree."""
+    g = torch.Generator().manual_seed(3)
+    xa = torch.randn(40, 64, generator=g, dtype=torch.float64) @ torch.randn(64, 64, generator=g, dtype=torch.float64)
+    xb = torch.randn(30, 64, generator=g, dtype=torch.float64) + 0.5
+    kept = (image_metrics.FeatureStats().add(xa), image_metrics.FeatureStats().add(xb))
+    streamed = (image_metrics.FeatureStats(keep=10).add(xa), image_metrics.FeatureStats(keep=10).add(xb))
+    assert kept[0].samples is not None and streamed[0].samples is None
+    reference = torch.linalg.eigvals(kept[0].mean_cov()[1] @ kept[1].mean_cov()[1]).sqrt().real.sum()
+    assert float(image_metrics.trace_sqrt_product(*kept)) == pytest.approx(float(reference), rel=1e-6)
+    assert float(image_metrics.trace_sqrt_product(*streamed)) == pytest.approx(float(reference), rel=1e-6)
+    assert image_metrics.frechet_distance(*kept) == pytest.approx(image_metrics.frechet_distance(*streamed), rel=1e-6)

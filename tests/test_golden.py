@@ -5,7 +5,7 @@ further cases of the same kinds."""
 import torch
 import pytest
 
-import upsamplers
+from upbench import upsamplers
 from upbench.errors import UpbenchError
 from conftest import GOLDEN
 

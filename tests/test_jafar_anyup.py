@@ -3,12 +3,12 @@ import pytest
 import torch
 import yaml
 
-import upsamplers
+from upbench import upsamplers
 from conftest import ASSETS, GOLDEN, ROOT
 from upbench.errors import UpbenchError
-from upsamplers.anyup import AnyUp, window_1d, window_mask
-from upsamplers.jafar import JAFAR
-from upsamplers.layers import RoPE, create_coordinate
+from upbench.upsamplers.anyup import AnyUp, window_1d, window_mask
+from upbench.upsamplers.jafar import JAFAR
+from upbench.upsamplers.layers import RoPE, create_coordinate
 
 WEIGHTS = ASSETS / "weights"
 JAFAR_FILE = WEIGHTS / "jafar_vit_small_patch14_dinov2.lvd142m.pth"

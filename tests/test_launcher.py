@@ -61,13 +61,12 @@ def test_local_launcher_skips_finished_records_jobs_and_lists_failures(tmp_path)
     assert listing.count("sweep ") == 2 and "log:" in listing
 
 
-def test_status_and_launcher_errors_are_one_line(tmp_path):
-    results = tmp_path / "results"
-    none = upbench(results, "status")
+def test_status_and_launcher_errors_are_one_line(cli):
+    none = cli(["status"])
     assert none.returncode == 2 and "no submitted sweeps" in none.stderr and len(none.stderr.splitlines()) == 1
-    bad = upbench(results, "run", *SEG, "cluster=nosuch")
+    bad = cli(["run", *SEG, "cluster=nosuch"])
     assert bad.returncode == 2 and "unknown cluster preset 'nosuch'" in bad.stderr and "local" in bad.stderr
-    bad = upbench(results, "run", *SEG, "hydra/launcher=pbs")
+    bad = cli(["run", *SEG, "hydra/launcher=pbs"])
     assert bad.returncode == 2 and "unknown launcher 'pbs'" in bad.stderr
 
 
@@ -78,7 +77,7 @@ def test_cluster_presets_compose_into_the_slurm_launcher():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    with initialize_config_module(config_module="configs", version_base=None):
+    with initialize_config_module(config_module="upbench.configs", version_base=None):
         cfg = hydra_compose("config", ["hydra/launcher=slurm", "cluster=a100", "hydra.launcher.timeout_min=30"],
                             return_hydra_config=True)
     launcher = cfg.hydra.launcher
@@ -99,7 +98,7 @@ def _probe(tmp_path, name, *extra):
 def test_probe_resumes_from_its_epoch_checkpoint_to_the_same_result(tmp_path, monkeypatch):
     """Interrupt a probe after its third epoch (as a requeue would), run it again: it resumes from the checkpoint
     and ends exactly where an uninterrupted run ends; the checkpoint is removed once the row is written."""
-    import tasks.common as common
+    import upbench.tasks._probe as common
 
     full = _probe(tmp_path, "full", "task.probe.epochs=6")
     real_save = common._save_probe_state
@@ -154,8 +153,9 @@ def test_sigkilled_multirun_rerun_keeps_finished_rows_and_adds_no_duplicates(tmp
 def _writer(root, worker, n):
     store = ResultStore(root)
     for i in range(n):
-        store.write({"config_hash": f"w{worker}-{i}", "worker": worker, "payload": "x" * 20000})
-        store.write({"config_hash": "shared", "worker": worker, "payload": "y" * 20000})
+        store.write({"config_hash": f"w{worker}-{i}", "task": "seg", "status": "ok", "worker": worker,
+                     "payload": "x" * 20000})
+        store.write({"config_hash": "shared", "task": "seg", "status": "ok", "worker": worker, "payload": "y" * 20000})
 
 
 def test_concurrent_writers_lose_and_corrupt_nothing(tmp_path):

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import upsamplers
+from upbench import upsamplers
 from upbench.errors import UpbenchError
-from upsamplers.loftup import LoftUp
+from upbench.upsamplers.loftup import LoftUp
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import upsamplers
+from upbench import upsamplers
 from upbench.errors import UnknownNameError, UpbenchError
 from upbench.registry import Registry
 

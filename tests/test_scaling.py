@@ -32,8 +32,9 @@ def test_fit_slope_recovers_power_laws(power):
 
 
 def fake_row(up, tokens, status="ok", ms=None, mb=None, family="local"):
-    return {"task": "scaling", "upsampler": up, "family": family, "backbone": "bb", "status": status,
-            "tokens": tokens, "size": int(tokens ** 0.5) * 16, "gflops": 1.0, "params": {"upsampler": 1000},
+    return {"task": "scaling", "upsampler": up, "backbone": "bb", "status": status,
+            "data": {"tokens": tokens, "size": int(tokens ** 0.5) * 16, "gflops": 1.0, "family": family},
+            "params": {"upsampler": 1000},
             "timing": {"median_ms": ms, "iqr_ms": 0.5, "runs": 10 if status == "ok" else 1},
             "memory": {"peak_mb": mb},
             "config": {"device": {"type": "cpu", "name": "x"}, "dtype": "float32", "cpu_threads": 2,
@@ -63,7 +64,7 @@ def test_time_limited_point_counts_for_memory_not_time():
             fake_row("u", 1600, status="time_limit", ms=999.0, mb=160.0)]
     summ = report.scaling_summary(rows)
     s = summ["u"]
-    assert "no cross-attention method failed" not in " ".join(report._reach_notes(summ))  # no cross-attention rows
+    assert "no cross-attention method failed" not in " ".join(report.scaling._reach_notes(summ))  # no cross-attention rows
     assert s["time_slope"] == pytest.approx(1.0)  # the single-forward point is not in the time fit
     assert s["memory_slope"] == pytest.approx(1.0)
     assert s["max_tokens"] == 1600 and s["stopped"] == "time limit"
@@ -88,7 +89,7 @@ def test_point_measures_time_memory_and_flops(tmp_path):
     assert row["timing"]["iqr_ms"] >= 0 and row["timing"]["median_ms"] > 0
     out_mb = 384 * 128 * 128 * 4 / 2 ** 20  # the output tensor alone: 24 MB
     assert out_mb * 0.9 < row["memory"]["peak_mb"] < out_mb * 4
-    assert row["tokens"] == 64 and row["device"]["threads"] == s["threads"]
+    assert row["data"]["tokens"] == 64 and row["device"]["threads"] == s["threads"]
 
 
 def test_memory_cap_gives_oom_row(tmp_path):
@@ -105,7 +106,7 @@ def test_time_limit_measures_once(tmp_path):
     pcfg = scaling.point_config(s, "uplift", 64, scaling.device_label(s["device"]))
     row = scaling.measure_point(pcfg, "k", "local", s)
     assert row["status"] == "time_limit" and row["timing"]["runs"] == 1
-    assert row["memory"]["peak_mb"] > 0 and row["gflops"] > 0
+    assert row["memory"]["peak_mb"] > 0 and row["data"]["gflops"] > 0
 
 
 def test_worker_crash_is_an_error_row_not_a_crash(tmp_path):
@@ -113,6 +114,36 @@ def test_worker_crash_is_an_error_row_not_a_crash(tmp_path):
     pcfg = scaling.point_config(s, "uplift", 64, scaling.device_label(s["device"]))
     row = scaling.measure_point(pcfg, "k", "local", s)
     assert row["status"] == "error" and "nonexistent" in row["error"]
+
+
+def test_forked_workers_report_like_new_processes(tmp_path):
+    """On a CPU the points run in children forked from one server process: the same statuses (ok, oom under the cap,
+    error from a crash, timeout) and measurements of the same kind as a new process per point."""
+    s = scaling.resolve(sweep_cfg(tmp_path, "sizes=[128]", "warmup=1", "runs=2", "upsamplers=[bilinear]"))
+    server = scaling.WorkerServer.start(s)
+    assert server is not None
+    try:
+        dev = scaling.device_label(s["device"])
+        ok = scaling.measure_point(scaling.point_config(s, "bilinear", 128, dev), "k", "interpolation", s, server)
+        assert ok["status"] == "ok" and ok["timing"]["worker"] == "fork" and ok["timing"]["runs"] == 2
+        out_mb = 384 * 128 * 128 * 4 / 2 ** 20
+        assert out_mb * 0.9 < ok["memory"]["peak_mb"] < out_mb * 4
+        capped = dict(s, memory_limit_gb=0.0625)
+        oom = scaling.measure_point(scaling.point_config(capped, "bilinear", 512, dev), "k", "interpolation", capped,
+                                    server)
+        assert oom["status"] == "oom" and oom["timing"]["worker"] == "fork"
+        crash = dict(s, kwargs={"uplift": {"config": "nonexistent"}})
+        err = scaling.measure_point(scaling.point_config(crash, "uplift", 64, dev), "k", "local", crash, server)
+        assert err["status"] == "error" and "nonexistent" in err["error"]
+        slow = dict(s, worker_timeout_s=0.05)
+        late = scaling.measure_point(scaling.point_config(slow, "uplift", 128, dev), "k", "local", slow, server)
+        assert late["status"] == "timeout"
+        # the server survives all of that and still measures
+        again = scaling.measure_point(scaling.point_config(s, "bilinear", 128, dev), "k", "interpolation", s, server)
+        assert again["status"] == "ok"
+    finally:
+        server.close()
+    assert server.proc.poll() is not None
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
@@ -146,13 +177,18 @@ def test_unknown_upsampler_and_bad_sizes_are_clear_errors(tmp_path):
     (["sweep"], "which sweep?"),
     (["sweep", "scalng"], "unknown sweep 'scalng'; sweeps: scaling"),
     (["sweep", "scaling", "--fast"], "unknown option --fast"),
-    (["sweep", "scaling", "upsamplers=[bilnear]"], "unknown upsampler(s) bilnear"),
     (["report", "--plot", "x.png"], "--plot needs --scaling"),
 ])
-def test_cli_errors_are_one_line_exit_2(tmp_path, args, needle):
-    out = run_cli(args, tmp_path)
+def test_cli_errors_are_one_line_exit_2(cli, args, needle):
+    out = cli(args)
     assert out.returncode == 2, out.stderr
     assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_an_error_inside_the_sweep_job_is_one_line_exit_2(tmp_path):
+    out = run_cli(["sweep", "scaling", "upsamplers=[bilnear]"], tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "unknown upsampler(s) bilnear" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_quick_sweep_every_upsampler_and_report(tmp_path):
@@ -160,7 +196,7 @@ def test_quick_sweep_every_upsampler_and_report(tmp_path):
     then ``upbench report --scaling`` reprints the same tables from the store."""
     out = run_cli(["sweep", "scaling", "--quick"], tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    import upsamplers
+    from upbench import upsamplers
 
     names = [n for n in upsamplers.available() if n != "uplift_vae"]
     rows = [r for r in ResultStore(str(tmp_path / "results")).rows() if r["task"] == "scaling"]

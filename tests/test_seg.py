@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.common import make_scheduler
+from upbench.tasks._probe import make_scheduler
 from upbench.cli import compose
 from upbench.errors import UpbenchError
-from upbench.features import FeatureCache
+from upbench.cache import FeatureCache
 from upbench.results import ResultStore
 from upbench.runner import run_job
 

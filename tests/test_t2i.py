@@ -74,7 +74,7 @@ def _cfg(tmp_path, weights, *overrides, backbone="sd15_vae", dataset="demo_promp
 
     vae = [f"backbone.name_or_path={weights / 'sd'}"] if backbone == "sd15_vae" else []
     data = ["dataset.num_prompts=3", "dataset.reference_size=96"] if dataset == "demo_prompts" else []
-    with initialize_config_module(config_module="configs", version_base=None):
+    with initialize_config_module(config_module="upbench.configs", version_base=None):
         return to_container(compose("config", [
             "task=t2i_upscale", f"backbone={backbone}", *vae,
             f"task.pipeline={weights / 'sd'}", f"task.clip_model={weights / 'clip'}", f"dataset={dataset}",
@@ -148,7 +148,7 @@ def test_missing_component_of_a_local_folder(tmp_path, tiny_weights):
 def test_clip_score_is_the_clamped_scaled_cosine(tiny_weights):
     from transformers import CLIPModel, CLIPProcessor
 
-    from upbench.diffusion import ClipScore
+    from upbench.image_metrics import ClipScore
 
     scorer = ClipScore(str(tiny_weights / "clip"))
     g = torch.Generator().manual_seed(0)
@@ -188,7 +188,7 @@ def test_t2i_upscale_end_to_end_with_a_tiny_pipeline(tmp_path, tiny_weights):
     one = run_job(_cfg(tmp_path, tiny_weights, "upsampler=bilinear", "task.batch_size=1"), log=lambda *_: None)
     assert one["metrics"]["fid"] == pytest.approx(b["fid"], rel=1e-4)
     md = report.render(list(rows.values()))
-    assert "Text-to-image upscaling 64 -> 128 - VAE sd15_vae" in md and "Demo prompts CLIP" in md
+    assert "Text-to-image upscaling - VAE sd15_vae, base px 64, output px 128" in md and "Demo prompts CLIP" in md
     assert "no upscaling (64 px)" in md
 
 

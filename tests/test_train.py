@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from tasks.train import TrainImages, multi_depth_loss, pyramid_sizes
+from upbench.data.train_images import TrainImages
+from upbench.tasks.train import multi_depth_loss, pyramid_sizes
 from upbench.errors import UpbenchError
 
 TINY = ["backbone=demo", "data.root=builtin:skimage", "data.img_size=128", "data.crops_per_image=2",
@@ -60,7 +61,7 @@ def test_multi_depth_loss_compares_every_step_with_the_matching_level():
 
     feats = [torch.full((1, 2, 8, 8), 3.0), torch.full((1, 2, 4, 4), 2.0), torch.full((1, 2, 2, 2), 1.0)]
     images = [torch.zeros(1, 3, s, s) for s in (128, 64, 32)]
-    total, per = multi_depth_loss(Doubler(), images, feats, [1, 2], "l2", (0, 0, 0), (1, 1, 1))
+    total, per = multi_depth_loss(Doubler(), images, feats, [1, 2], "l2", lambda image: image)
     # d=1: step1 (2.0) vs level0 (3.0) -> 1; d=2: step1 (1.0) vs level1 (2.0) -> 1, step2 (1.0) vs level0 -> 4
     assert per == {1: 1.0, 2: 5.0} and float(total) == 6.0
 
@@ -97,7 +98,7 @@ def test_training_resumes_after_sigkill_to_the_same_weights(tmp_path):
     for k in full:
         assert torch.allclose(full[k].float(), resumed[k].float(), atol=1e-5, rtol=1e-4), k
     # and the result is a trained model: it loads strictly as an official-format UPLiFT checkpoint
-    import upsamplers
+    from upbench import upsamplers
 
     model = upsamplers.create("uplift", in_channels=112, patch_size=16, weights=str(out / "uplift_demo.safetensors"))
     assert model.num_params > 0
@@ -110,9 +111,9 @@ def test_latent_noise_perturbs_inputs_only():
 
     feats = [torch.ones(1, 4, 8, 8), torch.ones(1, 4, 4, 4)]
     images = [torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 32, 32)]
-    clean, _ = multi_depth_loss(Identity(), images, feats, [1], "l2", (0, 0, 0), (1, 1, 1))
+    clean, _ = multi_depth_loss(Identity(), images, feats, [1], "l2", lambda image: image)
     torch.manual_seed(0)
-    noisy, _ = multi_depth_loss(Identity(), images, feats, [1], "l2", (0, 0, 0), (1, 1, 1), input_noise=0.5)
+    noisy, _ = multi_depth_loss(Identity(), images, feats, [1], "l2", lambda image: image, input_noise=0.5)
     assert float(clean) == 0.0 and 0.1 < float(noisy) < 0.5  # E[(0.5 z)^2] = 0.25
     assert torch.equal(feats[0], torch.ones(1, 4, 8, 8))  # targets untouched
 
@@ -131,7 +132,7 @@ def test_uplift_vae_trains_on_taef2_latents(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     weights = out / "uplift_vae_taef2.safetensors"
-    import upsamplers
+    from upbench import upsamplers
 
     model = upsamplers.create("uplift_vae", weights=str(weights), in_channels=32, patch_size=8,
                               config="uplift_vae_small")

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import upsamplers
+from upbench import upsamplers
 from conftest import randomise, GOLDEN
 from upbench.errors import UpbenchError
-from upsamplers.uplift import (ATTENDER_OFFSETS, UPLiFT, UPLiFTVAE, attender_offsets, attender_padding,
+from upbench.upsamplers.uplift import (ATTENDER_OFFSETS, UPLiFT, UPLiFTVAE, attender_offsets, attender_padding,
                                load_config, local_attend_fast, local_attend_reference, residual_auto)
 
 torch.manual_seed(0)

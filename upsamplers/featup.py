@@ -18,6 +18,7 @@ from torch import nn
 
 from upbench.checkpoints import WeightSource
 from upbench.errors import UpbenchError
+from upbench.transforms import resize
 
 from . import register
 from .base import Upsampler, as_size
@@ -199,7 +200,7 @@ class FeatUpJBU(Upsampler):
         size = as_size(output_size)
         image = image.to(features.dtype)
         out, _ = self.stack(self.channel_norm(features), image)
-        return _resize(out, size)
+        return resize(out, size, antialias="shrink")
 
     # ------------------------------------------------------------------ official weights
     def convert_official_state_dict(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -240,11 +241,3 @@ class FeatUpJBU(Upsampler):
         result = dict(zip(self.stage_names, stages))
         result["output"] = out
         return result
-
-
-def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinear (align_corners=False) resize to ``size``, antialiased when either side shrinks."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)

@@ -22,6 +22,7 @@ from torch import nn
 
 from upbench.checkpoints import WeightSource
 from upbench.errors import UpbenchError
+from upbench.transforms import resize
 
 from . import register
 from .base import Upsampler, as_size
@@ -139,7 +140,7 @@ class LiFT(Upsampler):
         if self.variant != "official":
             return image
         size = (self.patch_size * grid[0], self.patch_size * grid[1])
-        return _resize(image, size)
+        return resize(image, size, antialias="shrink")
 
     def iterate(self, image: torch.Tensor, features: torch.Tensor, iters: int,
                 fit_image: bool = True) -> List[torch.Tensor]:
@@ -167,7 +168,7 @@ class LiFT(Upsampler):
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Any) -> torch.Tensor:
         size = as_size(output_size)
         k = self.doublings(tuple(features.shape[-2:]), size)
-        return _resize(self.iterate(image, features, k)[-1], size)
+        return resize(self.iterate(image, features, k)[-1], size, antialias="shrink")
 
     # ------------------------------------------------------------------ golden reproduction
     @classmethod
@@ -215,15 +216,4 @@ class LiFT2x(LiFT):
 
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Any) -> torch.Tensor:
         size = as_size(output_size)
-        x = self.iterate(image, features, 1)[-1]
-        if tuple(x.shape[-2:]) == size:
-            return x
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinear (align_corners=False) resize to ``size``, antialiased when either side shrinks."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+        return resize(self.iterate(image, features, 1)[-1], size)

@@ -8,7 +8,11 @@ task resumes from its own checkpoint).  What upbench adds:
 * a job record per sweep (``<results>/jobs/<sweep>.json``: overrides, config hash, job id, log paths) that
   ``upbench status`` reads;
 * one failed job never hides the others: with ``wait: true`` every job is waited for and the failures are listed
-  with their logs at the end (the command then exits 1)."""
+  with their logs at the end (the command then exits 1).
+
+Hydra imports every ``hydra_plugins`` module of an environment when any Hydra application starts, so this module
+imports only Hydra's own light modules at import time; submitit, hydra-submitit-launcher's config and upbench are
+imported when a launch actually happens."""
 from __future__ import annotations
 
 import json
@@ -18,10 +22,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-from upbench.files import atomic_write
-from upbench.results import config_hash
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
 
 log = logging.getLogger("upbench.launcher")
 
@@ -37,7 +39,7 @@ def _plain(cfg: Any) -> Dict[str, Any]:
     """A job's config as the job itself sees it (Hydra hands the task its config without the ``hydra`` node)."""
     from omegaconf import open_dict
 
-    from upbench.runner import to_container
+    from upbench.config import to_container
 
     cfg = cfg.copy()
     with open_dict(cfg):
@@ -45,8 +47,43 @@ def _plain(cfg: Any) -> Dict[str, Any]:
     return to_container(cfg)
 
 
-class UpbenchSubmititLauncher(BaseSubmititLauncher):
+class UpbenchSubmititLauncher(Launcher):
     _EXECUTOR = "abstract"
+
+    def __init__(self, **params: Any) -> None:
+        from omegaconf import OmegaConf
+
+        self.params = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                       for k, v in params.items()}
+        self.config: Any = None
+        self.hydra_context: Any = None
+        self.task_function: Any = None
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: Dict[type, Singleton]) -> JobReturn:
+        """The job body, run by submitit on the node: the job's config from its overrides, then Hydra's job runner
+        (working directory, logging, the task function) exactly as a local multirun job."""
+        import submitit
+        from omegaconf import open_dict
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, sweep_overrides)
+        with open_dict(sweep_config.hydra.job) as job:
+            job.id = submitit.JobEnvironment().job_id
+            sweep_config.hydra.job.num = job_num
+        return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=sweep_config,
+                       job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's preemption / timeout protocol: resubmit this job body with the same arguments (the task
+        resumes from its own checkpoint)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
     def _executor(self, params: Dict[str, Any]):
         import submitit
@@ -62,6 +99,8 @@ class UpbenchSubmititLauncher(BaseSubmititLauncher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from upbench import jobs
+        from upbench.files import atomic_write
+        from upbench.results import config_hash
 
         assert self.config is not None and self.hydra_context is not None
         params = dict(self.params)

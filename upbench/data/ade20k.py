@@ -4,7 +4,9 @@ Layout: ``ADEChallengeData2016/{images,annotations}/{training,validation}/*.{jpg
 ``images/*.jpg`` + ``annotations/*.png``."""
 from pathlib import Path
 
-from .base import DATASETS, SegDataset, list_images, missing_data, pair_by_stem
+from upbench.registry import DATASETS
+
+from .base import SegDataset, list_images, missing_data, pair_by_stem
 
 SPLITS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
 

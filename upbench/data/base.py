@@ -11,9 +11,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from upbench.errors import UpbenchError
-from upbench.registry import Registry
 
-DATASETS = Registry("dataset")
 IGNORE = 255
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG", ".bmp", ".webp")
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DATASETS, IGNORE, SegDataset, missing_data
+from upbench.registry import DATASETS
+
+from .base import IGNORE, SegDataset, missing_data
 
 # labelId -> trainId (official cityscapesScripts table); everything else is ignored
 _TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,

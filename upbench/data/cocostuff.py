@@ -9,7 +9,9 @@ from typing import Optional
 
 import numpy as np
 
-from .base import DATASETS, IGNORE, SegDataset, list_images, missing_data, pair_by_stem, read_id_list
+from upbench.registry import DATASETS
+
+from .base import IGNORE, SegDataset, list_images, missing_data, pair_by_stem, read_id_list
 
 COARSE_NAMES = [
     "electronic-things", "appliance-things", "food-things", "furniture-things", "indoor-things", "kitchen-things",

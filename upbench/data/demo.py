@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import DATASETS, GeneratedItems, SegDataset
+from upbench.registry import DATASETS
+
+from .base import GeneratedItems, SegDataset
 
 CLASSES: List[Tuple[str, str]] = [  # (class name, skimage.data function)
     ("grass", "grass"),

@@ -17,8 +17,9 @@ from torch.nn import functional as F
 
 from upbench.errors import UpbenchError
 from upbench.files import atomic_write
+from upbench.registry import DATASETS
 
-from .base import (DATASETS, GeneratedItems, list_images, missing_data, resize_center_crop_image,
+from .base import (GeneratedItems, list_images, missing_data, resize_center_crop_image,
                    short_side_crop_box)
 from .demo import skimage_texture
 

@@ -9,7 +9,9 @@ from typing import Dict
 import torch
 from PIL import Image
 
-from .base import DATASETS, GeneratedItems, list_images, missing_data, resize_center_crop_image
+from upbench.registry import DATASETS
+
+from .base import GeneratedItems, list_images, missing_data, resize_center_crop_image
 
 DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry")
 

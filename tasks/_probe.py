@@ -1,0 +1,102 @@
+"""The probe loop shared by the probe tasks (seg, depth): AdamW, the three published LR schedules, shuffled batches
+with random horizontal flips, and a per-epoch checkpoint so a requeued or re-run job resumes exactly."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from upbench.errors import UpbenchError
+from upbench.files import atomic_write
+from upbench.transforms import resize
+
+LR_SCHEDULES = ("per_epoch", "per_iter_jafar", "per_iter_total")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, mode: str, epochs: int, iters_per_epoch: int):
+    """Return (scheduler, step_per_iteration).
+
+    per_epoch      -- cosine over ``epochs``, stepped once per epoch (the AnyUp correction; default)
+    per_iter_jafar -- cosine with T_max=epochs stepped every iteration (the original JAFAR probe: the LR
+                      oscillates with a period of 2*epochs iterations)
+    per_iter_total -- cosine with T_max=epochs*iters stepped every iteration (NAF)
+    """
+    if mode not in LR_SCHEDULES:
+        raise UpbenchError(f"unknown probe.lr_schedule '{mode}'; valid: {', '.join(LR_SCHEDULES)}")
+    t_max = epochs * iters_per_epoch if mode == "per_iter_total" else epochs
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, t_max)), mode != "per_epoch"
+
+
+def resize_prediction(pred: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A probe's (B, K, h, w) output at the target's size (the JAFAR probes resize bilinearly, no antialias)."""
+    return resize(pred, (int(size[0]), int(size[1])), "bilinear")
+
+
+def _save_probe_state(path: Path, state: Dict[str, Any]) -> None:
+    with atomic_write(path) as tmp:   # a job killed while saving leaves the previous checkpoint intact
+        torch.save(state, tmp)
+
+
+def _load_probe_state(path: Path) -> Dict[str, Any]:
+    try:   # tensors, numbers and lists only: nothing in it is unpickled as code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (truncated, not ours, or holding objects)
+        raise UpbenchError(f"cannot resume from the probe checkpoint {path} ({type(exc).__name__}); delete it to start "
+                           "the probe afresh") from None
+
+
+def train_probe(train_set, probe_cfg: Dict[str, Any], params, seed: int,
+                loss_fn: Callable[[List[Dict[str, Any]], List[bool], int], torch.Tensor],
+                log=print, checkpoint: Optional[Path] = None) -> Tuple[List[float], List[float]]:
+    """AdamW over ``params``, the configured LR schedule, shuffled batches with random horizontal flips;
+    ``loss_fn(items, flips, step)`` gives a batch's loss.  Returns (seconds per epoch, mean loss per epoch).
+
+    ``checkpoint``: a file written after every epoch (probe weights, optimiser, schedule, shuffling RNG); a run that
+    finds it resumes after the last finished epoch with the same result as an uninterrupted run, which is how a
+    requeued (preempted / timed-out) or re-run job continues."""
+    params = list(params)
+    gen = torch.Generator().manual_seed(int(seed))
+    optim = torch.optim.AdamW(params, lr=probe_cfg["lr"], betas=tuple(probe_cfg["betas"]),
+                              weight_decay=probe_cfg["weight_decay"])
+    batch_size, epochs = int(probe_cfg["batch_size"]), int(probe_cfg["epochs"])
+    iters = (len(train_set) + batch_size - 1) // batch_size
+    sched, per_iter = make_scheduler(optim, probe_cfg["lr_schedule"], epochs, iters)
+    step, epoch_s, losses, start = 0, [], [], 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.is_file():
+        state = _load_probe_state(ckpt)
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"]):
+                p.copy_(saved)
+        optim.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        step, epoch_s, losses, start = state["step"], state["epoch_s"], state["losses"], state["epoch"]
+        log(f"  resumed from {ckpt} after epoch {start}/{epochs}")
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        order = torch.randperm(len(train_set), generator=gen).tolist()
+        flips = (torch.rand(len(order), generator=gen) < 0.5).tolist() if probe_cfg["flip"] else [False] * len(order)
+        total = 0.0
+        for b in range(iters):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            loss = loss_fn([train_set[i] for i in idx], [flips[i] for i in idx], step)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            if per_iter:
+                sched.step()
+            step += 1
+            total += loss.item()
+        if not per_iter:
+            sched.step()
+        epoch_s.append(time.perf_counter() - t0)
+        losses.append(total / max(1, iters))
+        log(f"  epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f} ({epoch_s[-1]:.2f}s)")
+        if ckpt is not None and epoch + 1 < epochs:
+            _save_probe_state(ckpt, {"params": [p.detach().cpu() for p in params], "optim": optim.state_dict(),
+                                     "sched": sched.state_dict(), "gen": gen.get_state(), "step": step,
+                                     "epoch_s": epoch_s, "losses": losses, "epoch": epoch + 1})
+    return epoch_s, losses

@@ -1,0 +1,4 @@
+"""``python -m upbench`` is ``upbench``."""
+from .cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""Config plumbing shared by every layer: plain containers from Hydra configs, devices, the packaged config folder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from .errors import UpbenchError
+
+
+def to_container(cfg: Any) -> Dict[str, Any]:
+    """A resolved plain dict from a Hydra ``DictConfig`` (or any mapping)."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:
+        pass
+    return dict(cfg)
+
+
+def resolve_device(name: Any):
+    """``auto`` -> cuda when available, else cpu; ``cuda[:i]`` must exist."""
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise UpbenchError(f"device={name} requested but CUDA is not available; use device=cpu")
+    return torch.device(name)
+
+
+def package_dir(package: str) -> Path:
+    """The folder of an installed upbench package (``upbench.configs``, ``upbench.slurm``), wheel or editable."""
+    import importlib
+
+    module = importlib.import_module(package)
+    return Path(list(module.__path__)[0])
+
+
+def config_dir() -> Path:
+    return package_dir("upbench.configs")
+
+
+def config_options(group: str) -> List[str]:
+    """The YAML names of a config group (``task``, ``upsampler``, ``sweep``, ...; ``cluster``: the SLURM presets)."""
+    root = package_dir("upbench.slurm") if group == "cluster" else config_dir()
+    return sorted(p.stem for p in (root / group).glob("*.yaml"))
+
+
+def load_yaml(group: str, name: str) -> Dict[str, Any]:
+    """One packaged config file as a plain dict (e.g. an upsampler's defaults); {} when it does not exist."""
+    import yaml
+
+    path = config_dir() / group / f"{name}.yaml"
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> Any:
+    """The Hydra config ``config_name`` of the packaged configs with ``overrides`` applied (a ``DictConfig``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="upbench.configs", version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))

@@ -1,0 +1,285 @@
+"""The one data path every job takes, owned by the core:
+
+    image -> backbone (frozen) -> features (cached) -> upsampler(image, features, output_size) -> task
+
+:class:`Pipeline` does normalisation (the backbone's statistics for the backbone, the upsampler's -- or the
+backbone's, ``guidance_norm`` -- for the guidance image), the feature cache (keyed by the backbone's identity: a hash
+of its full config, weight files included; the dataset's identity; the item; size and flip), the output-size
+contract, and device-synchronised timing of every upsampler call.  Tasks receive one and never re-implement any of
+it.  The builders here turn config sections into plugins, through the registries only."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .cache import PROCESS_CACHE, FeatureCache
+from .errors import UpbenchError
+from .registry import BACKBONES, DATASETS, UPSAMPLERS
+from .results import config_hash
+from .timing import Stopwatch, median_ms
+from .transforms import normalize
+
+#: keys of a backbone config that declare facts about it (checked against the built model), not constructor arguments
+DECLARED = ("channels", "patch_size")
+#: keys of a dataset config that choose items or splits, not what an item is
+DATASET_SELECTION = ("train_split", "val_split", "limit_train", "limit_val", "num_images", "num_classes")
+
+
+# ---------------------------------------------------------------------------------------------------- identities
+def _file_stamp(value: Any) -> Any:
+    """A local weight file stands for its contents: (path, size, mtime), so replacing it changes the identity."""
+    if isinstance(value, str) and value and os.path.isfile(os.path.expanduser(value)):
+        st = os.stat(os.path.expanduser(value))
+        return [value, st.st_size, int(st.st_mtime)]
+    return value
+
+
+def backbone_identity(cfg: Mapping[str, Any]) -> str:
+    """Hash of a backbone's full config (its weights included); two backbones with equal identities compute equal
+    features."""
+    return config_hash({k: _file_stamp(v) for k, v in cfg.items()}, exclude=())
+
+
+def dataset_identity(cfg: Mapping[str, Any], split: str) -> str:
+    """Hash of what decides a dataset item's image (name, root, size, seed, layout options) and the split."""
+    return config_hash({**{k: v for k, v in cfg.items() if k not in DATASET_SELECTION}, "split": split}, exclude=())
+
+
+# ---------------------------------------------------------------------------------------------------- builders
+def build_backbone(cfg: Mapping[str, Any]):
+    """Build from a backbone config: ``{kind, name, ...}`` through :data:`BACKBONES`; declared ``channels`` /
+    ``patch_size`` must match the model."""
+    declared = {k: cfg.get(k) for k in DECLARED}
+    spec = {k: v for k, v in cfg.items() if k not in DECLARED}
+    kind = spec.pop("kind", "timm_vit")
+    model = BACKBONES.create(kind, **{k: v for k, v in spec.items() if v is not None or k == "weights"})
+    for key, value in declared.items():
+        if value is not None and int(value) != int(getattr(model, key)):
+            raise UpbenchError(f"backbone '{model.name}' has {key}={getattr(model, key)}, its config declares "
+                               f"{value}; fix backbone.{key}")
+    model.identity = backbone_identity(cfg)
+    return model
+
+
+_BACKBONES: Dict[str, Any] = {}
+
+
+def get_backbone(cfg: Mapping[str, Any], device: torch.device):
+    """Backbones are frozen and stateless: one instance per process, config and device."""
+    key = json.dumps(cfg, sort_keys=True, default=str) + str(device)
+    if key not in _BACKBONES:
+        _BACKBONES[key] = build_backbone(cfg).to(device)
+    return _BACKBONES[key]
+
+
+def backbone_shape(cfg: Mapping[str, Any]) -> Tuple[int, int]:
+    """(channels, patch_size) of a backbone config without its weights: the declared ``channels`` / ``patch_size``
+    when present, else read off a random-init instance of the same architecture."""
+    channels, patch = cfg.get("channels"), cfg.get("patch_size")
+    if channels and patch:
+        return int(channels), int(patch)
+    spec = {k: v for k, v in cfg.items() if k not in DECLARED}
+    if "pretrained" in spec or "weights" in spec:   # the architecture is enough
+        spec.update(pretrained=False, weights=None)
+    model = build_backbone(spec)
+    return int(channels or model.channels), int(patch or model.patch_size)
+
+
+def build_upsampler(cfg: Mapping[str, Any], backbone, device: torch.device, trainable: bool = False):
+    """The configured upsampler for ``backbone``'s features (channels and patch size come from the backbone),
+    official weights loaded, on ``device``; frozen unless ``trainable``."""
+    kwargs = dict(cfg.get("kwargs") or {})
+    for key in ("in_channels", "patch_size"):
+        if key in kwargs:
+            raise UpbenchError(f"upsampler.kwargs.{key} is taken from the backbone; remove it from the upsampler config")
+    model = UPSAMPLERS.create(cfg["name"], in_channels=backbone.channels, patch_size=backbone.patch_size, **kwargs)
+    if cfg.get("weights"):
+        model.load_official(str(cfg["weights"]))
+    model = model.to(device)
+    return model.train().requires_grad_(True) if trainable else model.eval().requires_grad_(False)
+
+
+class SliceView(torch.utils.data.Dataset):
+    """``split[a:b]``: a contiguous part of a split (e.g. to probe on part of a small folder and test on the rest)."""
+
+    def __init__(self, base: Any, indices: range):
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[self.indices[i]]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["base"], name)
+
+
+class Identified(SliceView):
+    """A dataset whose dict items carry ``source``: the dataset's identity, part of every feature-cache key."""
+
+    def __init__(self, base: Any, identity: str):
+        super().__init__(base, range(len(base)))
+        self.identity = identity
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.base[i]
+        return {**item, "source": self.identity} if isinstance(item, dict) else item
+
+
+def _split(spec: str) -> Tuple[str, Optional[slice]]:
+    """``"val"`` -> ("val", None); ``"val[10:]"`` -> ("val", slice(10, None))."""
+    if "[" not in spec:
+        return spec, None
+    name, rest = spec.split("[", 1)
+    try:
+        a, b = rest.rstrip("]").split(":")
+        return name, slice(int(a) if a else None, int(b) if b else None)
+    except ValueError:
+        raise UpbenchError(f"bad split '{spec}'; use name or name[start:stop], e.g. val[:20]") from None
+
+
+def build_datasets(cfg: Mapping[str, Any]) -> Tuple[Any, Any]:
+    """(train, val) of a dataset config: ``train_split`` / ``val_split`` (``name`` or ``name[a:b]``), limits."""
+    cfg = dict(cfg)
+    name = cfg.pop("name")
+    train_split, val_split = cfg.pop("train_split", "train"), cfg.pop("val_split", "val")
+    limit_train, limit_val = cfg.pop("limit_train", None), cfg.pop("limit_val", None)
+    cfg.pop("num_classes", None)
+    out = []
+    for spec, limit in ((train_split, limit_train), (val_split, limit_val)):
+        split, part = _split(str(spec))
+        ds = Identified(DATASETS.create(name, split=split, **cfg), dataset_identity({"name": name, **cfg}, split))
+        if part is not None:
+            ds = SliceView(ds, range(len(ds))[part])
+        if limit:
+            ds = SliceView(ds, range(min(int(limit), len(ds))))
+        out.append(ds)
+    return out[0], out[1]
+
+
+def build_images(cfg: Mapping[str, Any], seed: int = 0):
+    """Training images of an ``upbench train`` ``data`` config (:data:`DATASETS` ``train_images``)."""
+    spec = {k: v for k, v in cfg.items() if v is not None}
+    ds = DATASETS.create("train_images", seed=seed, **spec)
+    ds.identity = dataset_identity({"name": "train_images", **spec, "seed": seed}, "train")
+    return ds
+
+
+_DISK_CACHES: Dict[str, FeatureCache] = {}
+
+
+def feature_cache(cache_cfg: Mapping[str, Any]) -> FeatureCache:
+    """The process-wide in-memory cache, a persistent one under ``task.cache.dir``, or none."""
+    if not cache_cfg.get("features", True):
+        return FeatureCache(enabled=False)
+    directory = cache_cfg.get("dir")
+    if not directory:
+        return PROCESS_CACHE
+    return _DISK_CACHES.setdefault(str(directory), FeatureCache(directory=str(directory)))
+
+
+# ---------------------------------------------------------------------------------------------------- the path
+def check_output(out: torch.Tensor, features: torch.Tensor, output_size: Sequence[int]) -> None:
+    """The contract every upsampler follows: exactly the features' batch and channels, at ``output_size``."""
+    size = (int(output_size[0]), int(output_size[1]))
+    if tuple(out.shape[:2]) != tuple(features.shape[:2]) or tuple(out.shape[-2:]) != size:
+        raise UpbenchError(f"upsampler returned {tuple(out.shape)}, expected "
+                           f"{(*features.shape[:2], *size)} (the output-size contract)")
+
+
+class Pipeline:
+    """``backbone``, ``upsampler`` on ``device``; ``cache``: backbone features; ``guidance_norm``: "upsampler" (each
+    model gets its own normalisation) or "backbone" (the guidance image gets the backbone's, JAFAR's choice);
+    ``upsampled_budget_gb``: keep upsampled features of dataset items in memory up to this size."""
+
+    def __init__(self, backbone, upsampler, device: torch.device, cache: Optional[FeatureCache] = None,
+                 guidance_norm: str = "upsampler", upsampled_budget_gb: float = 0.0):
+        self.backbone, self.upsampler, self.device = backbone, upsampler, torch.device(device)
+        self.cache = cache if cache is not None else FeatureCache(enabled=False)
+        if guidance_norm == "upsampler":
+            self.guide_mean, self.guide_std = upsampler.image_mean, upsampler.image_std
+        elif guidance_norm == "backbone":
+            self.guide_mean, self.guide_std = backbone.mean, backbone.std
+        else:
+            raise UpbenchError(f"unknown guidance_norm '{guidance_norm}'; valid: upsampler, backbone")
+        self.budget_bytes = float(upsampled_budget_gb) * 2 ** 30
+        self._hr: Dict[Tuple[Any, ...], torch.Tensor] = {}
+        self.backbone_s: List[float] = []
+        self.upsampler_s: List[float] = []
+
+    # ------------------------------------------------------------------ normalisation
+    def backbone_input(self, image01: torch.Tensor) -> torch.Tensor:
+        return normalize(image01.to(self.device), self.backbone.mean, self.backbone.std)
+
+    def guidance(self, image01: torch.Tensor) -> torch.Tensor:
+        return normalize(image01.to(self.device), self.guide_mean, self.guide_std)
+
+    # ------------------------------------------------------------------ backbone side
+    def encode(self, image01: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features of a batch (B, 3, H, W) in [0, 1], not cached: (B, C, h, w), (B, n, C) on the device."""
+        with torch.inference_mode(), Stopwatch(self.device) as sw:
+            out = self.backbone(self.backbone_input(image01))
+        self.backbone_s.append(sw.seconds / max(1, image01.shape[0]))
+        return out
+
+    def features(self, image01: torch.Tensor, key: Optional[Tuple[Any, ...]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Features of one image (3, H, W) in [0, 1]: ((C, h, w), (n, C)) on the CPU, cached under ``key`` (which
+        identifies the image; the backbone's identity is added here) when given."""
+        def compute():
+            feats, prefix = self.encode(image01[None])
+            return feats[0], prefix[0]
+
+        if key is None:
+            return tuple(t.detach().cpu() for t in compute())  # type: ignore[return-value]
+        return self.cache.get((self.backbone.identity, *key), compute)
+
+    def item_features(self, item: Mapping[str, Any], flip: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cached features of a dataset item (``{"image", "id", "source"}``), optionally flipped horizontally."""
+        image = item["image"].flip(-1) if flip else item["image"]
+        key = (item.get("source"), item["id"], tuple(image.shape[-2:]), bool(flip))
+        return self.features(image, key)
+
+    # ------------------------------------------------------------------ upsampler side
+    def upsample(self, image01: torch.Tensor, features: torch.Tensor, output_size: Sequence[int]) -> torch.Tensor:
+        """``upsampler(guidance(image01), features, output_size)`` under inference mode, device-synchronised and
+        timed (seconds per image); the result must have exactly the features' batch and channels and
+        ``output_size``."""
+        size = (int(output_size[0]), int(output_size[1]))
+        features = features.to(self.device)
+        with torch.inference_mode():
+            guide = self.guidance(image01)
+            with Stopwatch(self.device) as sw:
+                out = self.upsampler(guide, features, size)
+        self.upsampler_s.append(sw.seconds / max(1, features.shape[0]))
+        check_output(out, features, size)
+        return out
+
+    def item_upsampled(self, item: Mapping[str, Any], flip: bool, output_size: Sequence[int]) -> torch.Tensor:
+        """Upsampled features (C, H, W) float of a dataset item, kept in memory while within the budget."""
+        size = (int(output_size[0]), int(output_size[1]))
+        key = (item.get("source"), item["id"], bool(flip), size)
+        if key in self._hr:
+            return self._hr[key]
+        feats, _ = self.item_features(item, flip)
+        image = item["image"].flip(-1) if flip else item["image"]
+        hr = self.upsample(image[None], feats[None], size)[0].float()
+        used = sum(t.numel() * 4 for t in self._hr.values())
+        if used + hr.numel() * 4 <= self.budget_bytes:
+            self._hr[key] = hr
+        return hr
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents back to [0, 1] images through a VAE backbone's decoder."""
+        if not hasattr(self.backbone, "decode"):
+            raise UpbenchError(f"backbone '{self.backbone.name}' has no decoder; use a VAE backbone (taef2, sd15_vae)")
+        with torch.inference_mode():
+            return self.backbone.decode(latents.to(self.device))
+
+    def timing(self) -> Dict[str, Any]:
+        """Median milliseconds per image of the upsampler and backbone calls made so far."""
+        return {"upsampler_ms": median_ms(self.upsampler_s), "backbone_ms": median_ms(self.backbone_s),
+                "upsampled_cached": bool(self._hr)}
