@@ -34,6 +34,37 @@ def resize_prediction(pred: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return resize(pred, (int(size[0]), int(size[1])), "bilinear")
 
 
+def save_head(job: Any, head: torch.nn.Module, kind: str, **meta: Any) -> Optional[str]:
+    """The trained probe / head as ``<out_dir>/probe.safetensors`` (a few kB to MB), so predictions can be drawn
+    later without retraining (``upbench viz predictions``); the metadata says how to rebuild it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    if job.out_dir is None:
+        return None
+    path = Path(job.out_dir) / "probe.safetensors"
+    with atomic_write(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(tmp),
+                  metadata={"kind": kind, **{k: json.dumps(v) for k, v in meta.items()}})
+    return str(path)
+
+
+def load_head(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(state dict, metadata) of a head saved by :func:`save_head`."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = {k: (v if k == "kind" else json.loads(v)) for k, v in (fh.metadata() or {}).items()}
+            return {k: fh.get_tensor(k) for k in fh.keys()}, meta
+    except Exception as exc:  # noqa: BLE001  (missing, truncated or not a safetensors file)
+        raise UpbenchError(f"cannot read the saved probe {path} ({type(exc).__name__}); re-run the job with "
+                           "force=true to train it again") from None
+
+
 def _save_probe_state(path: Path, state: Dict[str, Any]) -> None:
     with atomic_write(path) as tmp:   # a job killed while saving leaves the previous checkpoint intact
         torch.save(state, tmp)

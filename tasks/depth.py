@@ -14,7 +14,7 @@ from upbench.errors import UpbenchError
 from upbench.protocols import Job, Metric, Pipeline, TableSpec, Task
 
 from . import register
-from ._probe import resize_prediction, train_probe
+from ._probe import load_head, resize_prediction, save_head, train_probe
 
 MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0
 METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "log_rmse", "log10", "silog")
@@ -157,4 +157,22 @@ class DepthProbe(Task):
             "timing": {"probe_epoch_s": sum(epoch_s) / max(1, len(epoch_s)), "probe_epochs_s": epoch_s},
             "data": {"n_train": len(train_set), "n_val": len(val_set), "n_val_scored": len(per_image),
                      "img_size": train_set.img_size, "head_input": "features+cls" if use_cls else "features"},
+            "artefacts": {"probe": save_head(job, head, "depth", bins=int(probe_cfg["bins"]),
+                                             min_depth=float(probe_cfg["min_depth"]), max_depth=max_depth,
+                                             cls_token=use_cls)},
         }
+
+    def predict(self, pipe, head_path: str, items, size) -> list:
+        """Depth maps (H, W) in metres of ``items`` from the head a finished run saved."""
+        state, meta = load_head(head_path)
+        use_cls = bool(meta["cls_token"])
+        head = BinDepthHead(pipe.backbone.channels * (2 if use_cls else 1), int(meta["bins"]),
+                            float(meta["min_depth"]), float(meta["max_depth"]))
+        head.load_state_dict(state)
+        head = head.to(pipe.device).eval()
+        out = []
+        with torch.inference_mode():
+            for item in items:
+                x = head_input(pipe, item, False, size, use_cls)[None].to(pipe.device)
+                out.append(resize_prediction(head(x), item["depth"].shape[-2:])[0, 0].cpu())
+        return out

@@ -66,5 +66,6 @@ class LatentSuperResolution(Task):
             "metrics": metrics,
             "data": {"n_val": len(val_set), "hr_size": val_set.img_size, "lr_size": val_set.img_size // factor,
                      "factor": factor, "fid_resize": image_metrics.FID_RESIZE_MODE if cfg["fid"] else None,
-                     "pfid_patch": int(cfg["pfid_patch"]), "color_correction": bool(cfg["color_correction"])},
+                     "pfid_patch": int(cfg["pfid_patch"]), "color_correction": bool(cfg["color_correction"]),
+                     "ssim": image_metrics.SSIM_SETTINGS},
         }

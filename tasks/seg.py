@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from upbench.protocols import Job, Metric, TableSpec, Task
 
 from . import register
-from ._probe import resize_prediction, train_probe
+from ._probe import load_head, resize_prediction, save_head, train_probe
 
 
 @register("seg")
@@ -45,19 +45,42 @@ class SegProbe(Task):
                                       checkpoint=job.checkpoint)
 
         miou = MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=ignore).to(device)
+        per_class = MulticlassJaccardIndex(num_classes=num_classes, average="none", ignore_index=ignore).to(device)
         acc = MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=ignore).to(device)
+        support = torch.zeros(num_classes, dtype=torch.long)
         with torch.inference_mode():
             for i in range(len(val_set)):
                 item = val_set[i]
                 feats = pipe.item_upsampled(item, False, (val_set.img_size, val_set.img_size))[None].to(device)
                 label = item["label"][None].to(device)
                 pred = resize_prediction(probe(feats), label.shape[-2:]).argmax(1)
-                miou.update(pred, label)
-                acc.update(pred, label)
+                for metric in (miou, per_class, acc):
+                    metric.update(pred, label)
+                valid = item["label"][item["label"] != ignore]
+                support += torch.bincount(valid.flatten(), minlength=num_classes)[:num_classes]
+        ious = per_class.compute().float().cpu() * 100
+        names = list(getattr(train_set, "class_names", ()) or [str(k) for k in range(num_classes)])
         return {
             "metrics": {"miou": float(miou.compute()) * 100, "acc": float(acc.compute()) * 100,
-                        "final_train_loss": losses[-1] if losses else None},
+                        "final_train_loss": losses[-1] if losses else None,
+                        # classes with no pixel in the validation labels have no IoU (None), not 0
+                        "per_class_iou": [float(v) if n > 0 else None for v, n in zip(ious.tolist(), support.tolist())]},
             "timing": {"probe_epoch_s": sum(epoch_s) / max(1, len(epoch_s)), "probe_epochs_s": epoch_s},
             "data": {"n_train": len(train_set), "n_val": len(val_set), "img_size": train_set.img_size,
-                     "num_classes": num_classes},
+                     "num_classes": num_classes, "class_names": names,
+                     "val_pixels_per_class": support.tolist()},
+            "artefacts": {"probe": save_head(job, probe, "seg", num_classes=num_classes)},
         }
+
+    def predict(self, pipe, head_path: str, items, size) -> list:
+        """Label maps (H, W) of ``items`` from the probe a finished run saved."""
+        state, meta = load_head(head_path)
+        probe = nn.Conv2d(pipe.backbone.channels, int(meta["num_classes"]), 1)
+        probe.load_state_dict(state)
+        probe = probe.to(pipe.device).eval()
+        out = []
+        with torch.inference_mode():
+            for item in items:
+                feats = pipe.item_upsampled(item, False, size)[None].to(pipe.device)
+                out.append(resize_prediction(probe(feats), item["label"].shape[-2:]).argmax(1)[0].cpu())
+        return out

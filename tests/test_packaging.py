@@ -59,6 +59,8 @@ def _run(python: Path, args, cwd: Path, timeout=600):
 @pytest.fixture(scope="module")
 def installs(tmp_path_factory):
     base = tmp_path_factory.mktemp("install")
+    # the environments live inside another project's git repository, as a venv in a user's project often does
+    subprocess.run(["git", "init", "-q", str(base)], check=True, timeout=60)
     deps = _deps_without_slurm(base / "deps")
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                           str(base / "dist"), str(ROOT)], capture_output=True, text=True, timeout=600)
@@ -122,3 +124,15 @@ def test_without_the_slurm_extra_run_and_the_quick_sweep_work_and_launchers_say_
     slurm = _run(py, ["-m", "upbench", "run", *TINY, "hydra/launcher=slurm"], work)
     assert slurm.returncode == 2 and "Traceback" not in slurm.stderr
     assert "needs the optional package submitit" in slurm.stderr and "upbench[slurm]" in slurm.stderr
+
+
+def test_provenance_comes_from_upbench_itself_not_the_surrounding_repository(installs):
+    probe = "from upbench import results; print(results.git_sha(), results.upbench_version())"
+    wheel = _run(installs["wheel_py"], ["-c", probe], installs["work"])
+    assert wheel.returncode == 0, wheel.stderr
+    assert wheel.stdout.split() == ["None", "0.1.0"]      # a wheel inside another git repo records no commit
+    if not (ROOT / ".git").exists():
+        pytest.skip("the source tree is not a git checkout: no commit to compare with")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    editable = _run(installs["editable_py"], ["-c", probe], installs["work"])
+    assert editable.stdout.split()[0].split("+")[0] == head.strip()

@@ -36,7 +36,9 @@ def test_two_backbones_with_different_weights_in_one_process_get_their_own_featu
                     log=lambda *_: None, cache=FeatureCache())
     assert second["config"]["backbone"]["weights"] == str(other_demo_weights)
     assert second["config_hash"] != first["config_hash"]
-    assert second["metrics"] == pytest.approx(fresh["metrics"], rel=1e-6)      # as if run alone
+    scalars = ("miou", "acc", "final_train_loss")
+    assert [second["metrics"][k] for k in scalars] == pytest.approx([fresh["metrics"][k] for k in scalars], rel=1e-6)
+    assert second["metrics"]["per_class_iou"] == pytest.approx(fresh["metrics"]["per_class_iou"], rel=1e-6)
     assert second["metrics"]["miou"] != pytest.approx(first["metrics"]["miou"], rel=1e-3)
 
 

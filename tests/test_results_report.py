@@ -62,9 +62,9 @@ def test_load_gives_a_flat_frame(tmp_path):
         store.write(r)
     df = load(str(tmp_path))
     assert df.shape[0] == 2
-    assert {"method", "backbone", "dataset", "task", "metric.miou", "metric.acc", "timing.upsampler_ms",
+    assert {"method", "backbone", "dataset", "task", "protocol", "metric.miou", "metric.acc", "timing.upsampler_ms",
             "config_hash", "params"} <= set(df.columns)
-    assert sorted(df["method"]) == ["bilinear", "uplift"]
+    assert sorted(df["method"]) == ["bilinear", "uplift"] and df["protocol"].nunique() == 1
 
 
 def test_table1_layout_ranks_and_formats():
@@ -151,3 +151,57 @@ def test_missing_values_print_as_dashes_not_nan():
     md = report.render(rows + [skipped])
     assert "nan" not in md
     assert "| bilinear | – |" in md and "| demo |" in md and "not run: x" in md
+
+
+def test_different_experiments_never_share_a_cell():
+    """Rows that differ in a setting that changes the numbers (probe lr, image size) land in separate tables named by
+    that setting; an upsampler run with two setups gives two rows; seeds of one experiment give mean ± std (n)."""
+    def row(up, lr=5e-4, size=448, seed=0, miou=50.0, kwargs=None, ms=1.0):
+        r = _row(up, "voc", miou, 90.0, ms=ms, seed=seed)
+        r["config"]["task"]["probe"]["lr"] = lr
+        r["config"]["dataset"]["img_size"] = size
+        if kwargs:
+            r["config"]["upsampler"]["kwargs"] = kwargs
+        r["config_hash"] = config_hash(r["config"])
+        return r
+
+    rows = [row("bilinear", miou=45.61), row("bilinear", lr=5e-3, miou=22.47),
+            row("bilinear", size=224, miou=30.0, ms=0.2), row("uplift", miou=50.0, kwargs={"compute_dtype": None}),
+            row("uplift", miou=49.0, kwargs={"compute_dtype": "bfloat16"}),
+            row("nearest", seed=0, miou=40.0), row("nearest", seed=1, miou=42.0), row("nearest", seed=2, miou=44.0)]
+    tables = _seg(rows)
+    titles = [t.title for t in tables]
+    assert len(tables) == 3, titles
+    assert all("task.probe.lr" in t or "dataset.img_size" in t for t in titles)
+    cells = {t.title: dict(t.rows) for t in tables}
+    values = sorted(c[("VOC", "mIoU")] for table in cells.values() for name, c in table.items() if name == "bilinear")
+    assert values == [22.47, 30.0, 45.61]                                  # never averaged into 34.04
+    main = next(t for t in tables if "nearest" in dict(t.rows))
+    labels = [label for label, _ in main.rows]
+    assert "uplift (kwargs.compute_dtype=bfloat16)" in labels and "uplift (kwargs.compute_dtype=null)" in labels
+    md = report.to_markdown([main])
+    assert "42.00 ± 2.00 (3)" in md and "mean ± standard deviation over n runs" in md
+    assert any("split by" in n for t in tables for n in t.notes)
+    tex = report.to_latex([main])
+    assert r"42.00$\pm$2.00 (3)" in tex
+
+
+def test_latex_minus_signs_wide_tables_and_markdown_separates_published_rows():
+    rows = [_row(up, d, 40.0, 80.0, backbone="dinov2_s14") for up in ("bilinear", "uplift")
+            for d in ("cocostuff", "voc", "ade20k", "cityscapes")]
+    rows[0]["metrics"]["miou"] = -1.5
+    tables = _seg(rows, paper=True)
+    tex = report.to_latex(tables)
+    assert "$-$1.50" in tex and r"\resizebox{\linewidth}{!}{%" in tex
+    assert r"\caption{" in tex and r"\label{tab:" in tex
+    md = report.to_markdown(tables)
+    lines = md.splitlines()
+    sep = next(i for i, line in enumerate(lines) if line.startswith("| *published* |"))
+    assert lines[sep + 1].startswith("| Nearest (paper)") and lines[sep - 1].startswith("| uplift |")
+
+
+def test_published_rows_are_ranked_only_when_asked():
+    rows = [_row("bilinear", "voc", 10.0, 20.0, backbone="dinov2_s14"), _row("uplift", "voc", 12.0, 21.0,
+                                                                          backbone="dinov2_s14")]
+    asked = report.render(rows, "markdown", paper=True, rank_paper=True)
+    assert "**85.21**" in asked and "**12.00**" not in asked

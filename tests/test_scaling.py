@@ -3,6 +3,7 @@ the report's slopes / reach / tables / figure, and the CLI (including the --quic
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,52 +32,79 @@ def test_fit_slope_recovers_power_laws(power):
     assert report.fit_slope([100], [5.0]) is None
 
 
-def fake_row(up, tokens, status="ok", ms=None, mb=None, family="local"):
+def fake_row(up, tokens, status="ok", ms=None, mb=None, family="local", iqr=0.5, load=None, times=None):
     return {"task": "scaling", "upsampler": up, "backbone": "bb", "status": status,
             "data": {"tokens": tokens, "size": int(tokens ** 0.5) * 16, "gflops": 1.0, "family": family},
             "params": {"upsampler": 1000},
-            "timing": {"median_ms": ms, "iqr_ms": 0.5, "runs": 10 if status == "ok" else 1},
-            "memory": {"peak_mb": mb},
+            "timing": {"median_ms": ms, "iqr_ms": iqr, "runs": 10 if status == "ok" else 1,
+                       "times_ms": times or ([ms * 0.9, ms, ms * 1.1] if ms else []), "load_start": load,
+                       "load_end": load, "cpu_count": 2},
+            "memory": {"peak_mb": mb, "limit_gb": 8.0},
             "config": {"device": {"type": "cpu", "name": "x"}, "dtype": "float32", "cpu_threads": 2,
                        "memory_limit_gb": 8.0}}
 
 
 def test_summary_slopes_reach_and_stop_reason():
     rows = [fake_row("local_up", n, ms=n * 0.1, mb=n * 2.0) for n in (100, 400, 1600)]
-    rows += [fake_row("xattn", 100, ms=1.0, mb=10.0, family="cross-attention"),
-             fake_row("xattn", 400, ms=16.0, mb=160.0, family="cross-attention"),
-             fake_row("xattn", 1600, status="oom", family="cross-attention")]
+    rows += [fake_row("xattn", n, ms=(n / 100) ** 2, mb=n ** 2 / 1000, family="cross-attention")
+             for n in (25, 100, 400)] + [fake_row("xattn", 1600, status="oom", family="cross-attention")]
     summ = report.scaling_summary(rows)
     assert summ["local_up"]["time_slope"] == pytest.approx(1.0)
     assert summ["local_up"]["memory_slope"] == pytest.approx(1.0)
     assert summ["xattn"]["time_slope"] == pytest.approx(2.0)
     assert summ["local_up"]["max_tokens"] == 1600 and summ["local_up"]["stopped"] == "–"
     assert summ["xattn"]["max_tokens"] == 400 and summ["xattn"]["stopped"] == "OOM at 1600"
+    assert summ["local_up"]["time_slope_top"] is None     # 3 points: a top-3 slope would only repeat the slope
     tables = report.scaling_tables(rows)
     md = report.to_markdown(tables)
-    assert "| 1600 tok (640 px) | 160.0 (0.5) | OOM |" in md
+    assert "| Tokens (px) | local_up | xattn |" in md                     # rows are token counts, not upsamplers
+    assert "| 1600 (640 px) | 160.0 (0.5) | OOM |" in md
+    assert "Time slope (top 3)" not in md
     assert "reach: local_up at least 4.00x the tokens of the best cross-attention method (xattn: 400, OOM at 1600)" in md
-    assert r"\toprule" in report.to_latex(tables)
+    tex = report.to_latex(tables)
+    assert r"\toprule" in tex and r"\multicolumn" not in tex      # no empty group-header row
+
+
+def test_slopes_need_three_trusted_points_and_noisy_or_loaded_points_are_flagged():
+    rows = [fake_row("u", 100, ms=1.0, mb=10.0), fake_row("u", 400, ms=4.0, mb=40.0),
+            fake_row("u", 1600, ms=999.0, mb=160.0, iqr=900.0),                  # IQR > median/4: noisy
+            fake_row("v", 100, ms=1.0, mb=10.0), fake_row("v", 400, ms=4.0, mb=40.0, load=5.0)]   # 2 CPUs, load 5
+    assert report.scaling.point_flags(rows[2]) == ["noisy"] and report.scaling.point_flags(rows[4]) == ["loaded"]
+    summ = report.scaling_summary(rows)
+    assert summ["u"]["time_slope_single"] and summ["u"]["time_slope"] is not None   # fallback, marked *
+    assert summ["v"]["time_slope"] is None and summ["v"]["memory_slope"] is None     # two points: no slope
+    md = report.to_markdown(report.scaling_tables(rows))
+    assert "999.0 (900.0)†" in md and "4.0 (0.5)‡" in md and "† noisy" in md and "‡ loaded" in md
+    csv = report.render(rows, "csv", scaling=True).splitlines()
+    header = csv[0].split(",")
+    assert header[:3] == ["backbone", "device", "dtype"] and "median_ms" in header and "peak_mb" in header
+    assert len(csv) == 1 + len(rows)
+    noisy = next(line for line in csv[1:] if ",1600," in line)
+    assert noisy.split(",")[header.index("flags")] == "noisy"
+    assert noisy.split(",")[header.index("median_ms")] == "999.0"   # one value per cell
 
 
 def test_time_limited_point_counts_for_memory_not_time():
-    rows = [fake_row("u", 100, ms=1.0, mb=10.0), fake_row("u", 400, ms=4.0, mb=40.0),
-            fake_row("u", 1600, status="time_limit", ms=999.0, mb=160.0)]
+    rows = [fake_row("u", 25, ms=0.25, mb=2.5, iqr=0.01), fake_row("u", 100, ms=1.0, mb=10.0, iqr=0.01),
+            fake_row("u", 400, ms=4.0, mb=40.0, iqr=0.01), fake_row("u", 1600, status="time_limit", ms=999.0, mb=160.0)]
     summ = report.scaling_summary(rows)
     s = summ["u"]
-    assert "no cross-attention method failed" not in " ".join(report.scaling._reach_notes(summ))  # no cross-attention rows
-    assert s["time_slope"] == pytest.approx(1.0)  # the single-forward point is not in the time fit
+    assert "no cross-attention method failed" not in " ".join(report.scaling._reach_notes(summ))  # no cross-attention
+    assert s["time_slope"] == pytest.approx(1.0) and not s["time_slope_single"]  # the single forward is not fitted
     assert s["memory_slope"] == pytest.approx(1.0)
     assert s["max_tokens"] == 1600 and s["stopped"] == "time limit"
     assert "999.0*" in report.to_markdown(report.scaling_tables(rows))
 
 
 def test_figure_is_written(tmp_path):
-    rows = [fake_row("a", n, ms=n * 0.1, mb=n * 2.0) for n in (100, 400)] + [fake_row("b", 100, ms=1, mb=3),
-                                                                           fake_row("b", 400, status="oom")]
-    png = report.scaling_figure(rows, str(tmp_path / "f.png"))
-    assert png and (tmp_path / "f.png").stat().st_size > 10_000
-    assert report.scaling_figure([], str(tmp_path / "g.png")) is None
+    from upbench.viz import rows as figures
+
+    rows = [fake_row("a", n, ms=n * 0.1, mb=n * 2.0) for n in (100, 400)] + [
+        fake_row("b", 100, ms=1, mb=3, family="cross-attention"), fake_row("b", 400, status="oom", family="cross-attention")]
+    paths = figures.scaling(rows, tmp_path)
+    png = next(p for p in paths if p.endswith(".png"))
+    assert Path(png).stat().st_size > 10_000 and any(p.endswith(".pdf") for p in paths)
+    assert figures.scaling([], tmp_path / "none") == []
 
 
 # ------------------------------------------------------------------------------------------------ the worker
@@ -204,7 +232,7 @@ def test_quick_sweep_every_upsampler_and_report(tmp_path):
     assert all(r["status"] == "ok" for r in rows), [(r["upsampler"], r["status"], r["error"]) for r in rows]
     assert len(rows) == 3 * len(names)
     assert "Scaling summary" in out.stdout and "Time slope" in out.stdout
-    png = tmp_path / "results" / "scaling" / "scaling_dinov3_splus16_cpu.png"
+    png, = (tmp_path / "results" / "figures").glob("scaling_dinov3_splus16*.png")
     assert png.stat().st_size > 10_000
     rep = run_cli(["report", "--scaling", "--plot", str(tmp_path / "again.png")], tmp_path)
     assert rep.returncode == 0

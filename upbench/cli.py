@@ -5,7 +5,8 @@
   upbench demo                      # seg on the embedded demo set for every registered upsampler
   upbench list                      # upsamplers, tasks, backbones, datasets
   upbench sweep scaling [--quick] [overrides]   # time / memory / FLOPs vs tokens for every upsampler
-  upbench report [--latex|--csv|--html] [--paper] [--scaling [--plot PNG]] [--results DIR]
+  upbench report [--latex|--csv] [--paper] [--scaling] [--html DIR] [--results DIR]
+  upbench viz <kind> [--results DIR] [--out DIR] [overrides]   # scaling pca steps predictions perclass train
   upbench status [--sweep NAME|latest|all]    # finished / running / failed jobs of a submitted sweep
   any of run / train / sweep + hydra/launcher=slurm [cluster=<preset>] (or hydra/launcher=local): submitted
 """
@@ -141,9 +142,11 @@ def _sweep_job(cfg: Any) -> None:
     print()
     print(report.render(rows, "markdown", scaling=True))
     if cfg.get("plot", True):
-        dev = rows[0]["config"]["device"]["type"] if rows else "cpu"
-        png = Path(cfg["paths"]["results"]) / "scaling" / f"scaling_{cfg['backbone']['name']}_{dev}.png"
-        print(f"figure: {report.scaling_figure(rows, str(png), log_scale=bool(cfg.get('log_scale', True)))}")
+        from .viz import rows as figures
+
+        for path in figures.scaling(rows, Path(cfg["paths"]["results"]) / "figures",
+                                    log_scale=bool(cfg.get("log_scale", True))):
+            print(f"figure: {path}")
 
 
 def _split_multirun(argv: Sequence[str]) -> Tuple[List[str], bool]:
@@ -224,25 +227,67 @@ def cmd_report(argv: List[str]) -> None:
     parser = argparse.ArgumentParser(prog="upbench report")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--latex", action="store_true", help="booktabs LaTeX (best bold, second underlined)")
-    fmt.add_argument("--csv", action="store_true")
-    fmt.add_argument("--html", action="store_true", help="HTML tables")
+    fmt.add_argument("--csv", action="store_true", help="CSV (with --scaling: one tidy line per sweep point)")
+    parser.add_argument("--html", metavar="DIR", help="also write DIR/index.html: every table and figure, one page")
     parser.add_argument("--paper", action="store_true", help="add the published reference rows")
-    parser.add_argument("--scaling", action="store_true", help="the scaling sweep tables (upbench sweep scaling)")
+    parser.add_argument("--rank-paper", action="store_true", help="rank the published rows with ours (implies --paper)")
+    parser.add_argument("--scaling", action="store_true", help="only the scaling sweep tables (upbench sweep scaling)")
     parser.add_argument("--plot", metavar="PNG", help="with --scaling: also write the time/memory figure here")
     parser.add_argument("--results", default=os.environ.get("UPBENCH_RESULTS", "results"))
     args = parser.parse_args(argv)
     if args.plot and not args.scaling:
         _fail("--plot needs --scaling")
     rows = ResultStore(args.results).rows()
-    kind = "latex" if args.latex else "csv" if args.csv else "html" if args.html else "markdown"
-    sys.stdout.write(report.render(rows, kind, paper=args.paper, scaling=args.scaling))
+    kind = "latex" if args.latex else "csv" if args.csv else "markdown"
+    sys.stdout.write(report.render(rows, kind, paper=args.paper or args.rank_paper, scaling=args.scaling,
+                                   rank_paper=args.rank_paper))
     if args.plot:
-        png = report.scaling_figure(rows, args.plot)
-        print(f"figure: {png}" if png else "no scaling rows to plot", file=sys.stderr)
+        from .viz import rows as figures
+
+        paths = figures.scaling(rows, Path(args.plot).parent)
+        print(f"figure: {paths[0]}" if paths else "no scaling rows to plot", file=sys.stderr)
+    if args.html:
+        from .report.html import write_report
+
+        print(f"report: {write_report(args.results, args.html, paper=args.paper)}", file=sys.stderr)
+
+
+def cmd_viz(argv: List[str]) -> None:
+    """``upbench viz <kind> [--results DIR] [--out DIR] [--upsamplers a,b] [--image N] [--log FILE] [overrides]``."""
+    from . import viz
+    from .results import ResultStore
+
+    parser = argparse.ArgumentParser(prog="upbench viz", description=viz.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=viz.KINDS)
+    parser.add_argument("--results", default=os.environ.get("UPBENCH_RESULTS", "results"))
+    parser.add_argument("--out", help="folder for the PNG + PDF files (default: <results>/figures)")
+    parser.add_argument("--upsamplers", help="pca / steps: comma-separated upsamplers (default: all)")
+    parser.add_argument("--image", type=int, default=0, help="pca / steps: index of the validation image")
+    parser.add_argument("--log", action="append", default=[], help="train: a training log (<weights>.log.json)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("-") or "=" not in o]
+    if bad:
+        _fail(f"unknown option {bad[0]} for upbench viz (options: --results --out --upsamplers --image --log; the rest "
+              f"are key=value overrides)")
+    validate_overrides(overrides)
+    rows = ResultStore(args.results).rows()
+    out = Path(args.out or Path(args.results) / "figures")
+    paths = viz.main_kind(args.kind, rows, Path(args.results), out, overrides,
+                          upsamplers=args.upsamplers.split(",") if args.upsamplers else None, image=args.image,
+                          logs=[Path(p) for p in args.log])
+    if not paths:
+        _fail(f"nothing to draw for '{args.kind}' in {Path(args.results).resolve()}: "
+              + {"scaling": "no sweep rows (upbench sweep scaling)",
+                 "perclass": "no two methods with per-class IoU on one seg table (upbench run task=seg ...)",
+                 "predictions": "no seg / depth rows with a saved probe (upbench run task=seg ...)",
+                 "train": "no training logs under <results>/train (upbench train ..., or --log FILE)"}.get(args.kind, ""))
+    for p in paths:
+        print(p)
 
 
 COMMANDS = {"run": cmd_run, "train": cmd_train, "demo": cmd_demo, "list": cmd_list, "sweep": cmd_sweep,
-            "report": cmd_report, "status": cmd_status}
+            "report": cmd_report, "viz": cmd_viz, "status": cmd_status}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -35,6 +35,12 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(1.0 / mse)).item()
 
 
+#: how SSIM is computed (recorded with every generative row: SSIMs from other settings are not comparable)
+SSIM_SETTINGS = {"implementation": "torchmetrics.functional.image.structural_similarity_index_measure",
+                 "kernel": "gaussian", "kernel_size": 11, "sigma": 1.5, "data_range": 1.0, "k1": 0.01, "k2": 0.03,
+                 "reduction": "mean over pixels, then over images"}
+
+
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
     """SSIM (Gaussian window 11, sigma 1.5, data range 1) of (B, 3, H, W) or (3, H, W) images in [0, 1]."""
     from torchmetrics.functional.image import structural_similarity_index_measure

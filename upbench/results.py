@@ -31,22 +31,79 @@ def config_hash(config: Mapping[str, Any], exclude: Iterable[str] = HASH_EXCLUDE
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def git_sha() -> Optional[str]:
+def _direct_url() -> Dict[str, Any]:
+    """The installer's record of where upbench came from (PEP 610), if any."""
+    from importlib import metadata
+
+    try:
+        text = metadata.distribution("upbench").read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return {}
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _own_checkout() -> Optional[Path]:
+    """The upbench source tree this package runs from, when it is one: a git work tree whose top level holds
+    upbench's own pyproject.toml (never the repository a wheel happens to be installed inside)."""
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True,
                              timeout=5)
-        return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
+        return None
+    top = Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+    if top is None or top != here.parent:
+        return None
+    try:
+        project = (top / "pyproject.toml").read_text()
+    except OSError:
+        return None
+    return top if 'name = "upbench"' in project else None
+
+
+def git_sha() -> Optional[str]:
+    """The commit upbench itself was built from: its own checkout's HEAD (editable or source runs, ``+dirty`` when
+    it has uncommitted changes), or the commit a VCS install recorded; None for a plain wheel."""
+    top = _own_checkout()
+    if top is not None:
+        try:
+            sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=top, capture_output=True, text=True,
+                                 timeout=5).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=top,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return (sha + ("+dirty" if dirty else "")) or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    commit = (_direct_url().get("vcs_info") or {}).get("commit_id")
+    return commit[:7] if commit else None
+
+
+def upbench_version() -> str:
+    from importlib import metadata
+
+    import upbench
+
+    try:
+        return metadata.version("upbench")
+    except metadata.PackageNotFoundError:
+        return upbench.__version__
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average (None where the system has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
         return None
 
 
 def versions() -> Dict[str, Optional[str]]:
     import torch
 
-    import upbench
-
-    info: Dict[str, Optional[str]] = {"upbench": upbench.__version__, "torch": torch.__version__,
+    info: Dict[str, Optional[str]] = {"upbench": upbench_version(), "torch": torch.__version__,
                                       "python": platform.python_version(), "git_sha": git_sha()}
     for pkg in ("timm", "torchvision", "torchmetrics"):
         try:
@@ -129,6 +186,47 @@ class ResultStore:
         return out
 
 
+# ---------------------------------------------------------------------------------------------------- protocols
+#: top-level config keys that never change what a run measures (the seed is averaged over, not split on)
+NOT_PROTOCOL = {"seed", "paths", "force", "hydra", "threads", "device", "cluster", "upsampler", "dataset"}
+#: dataset settings every dataset shares and a table must not mix (a 448 px and a 224 px run are different tables)
+TABLE_DATASET_KEYS = ("img_size", "limit_train", "limit_val", "reference_size")
+
+
+def flat(obj: Any, prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists as JSON text)."""
+    if isinstance(obj, Mapping):
+        out: Dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(obj, (list, tuple)):
+        return {prefix: json.dumps(obj, default=str)}
+    return {prefix: obj}
+
+
+def protocol(cfg: Mapping[str, Any], device: Optional[str] = None) -> Dict[str, Any]:
+    """Everything in a run's config that changes its numbers except the upsampler, the dataset itself and the seed,
+    flattened: the task (minus caches), the backbone, the top-level switches, the settings every dataset shares,
+    and the device type the run was timed on.  Runs with equal protocols may share a table."""
+    task = cfg.get("task")
+    task = {k: v for k, v in task.items() if k != "cache"} if isinstance(task, Mapping) else {"name": task}
+    dataset = cfg.get("dataset") if isinstance(cfg.get("dataset"), Mapping) else {}
+    out = flat({"task": task, "backbone": cfg.get("backbone") or {},
+                "dataset": {k: dataset.get(k) for k in TABLE_DATASET_KEYS},
+                **{k: v for k, v in cfg.items() if k not in NOT_PROTOCOL and k not in ("task", "backbone")}})
+    out["device"] = device
+    return out
+
+
+def protocol_id(cfg: Mapping[str, Any], device: Optional[str] = None) -> str:
+    """A short name for a run's protocol: the preset's name when it ran under one, else a hash of :func:`protocol`."""
+    preset = cfg.get("protocol")
+    if isinstance(preset, Mapping) and preset.get("name"):
+        return str(preset["name"])
+    return "p-" + config_hash(protocol(cfg, device), exclude=())[:8]
+
+
 # ---------------------------------------------------------------------------------------------------- DataFrame
 def _get(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
@@ -145,12 +243,14 @@ def _scalars(section: Any, prefix: str) -> Dict[str, Any]:
 
 
 def flatten(row: Mapping[str, Any]) -> Dict[str, Any]:
-    """One flat record: identity columns, ``metric.*``, ``timing.*``, ``memory.*``, ``data.*`` (scalars only),
+    """One flat record: identity columns (``protocol``: see :func:`protocol_id`), ``metric.*``, ``timing.*``,
+    ``memory.*``, ``data.*`` (scalars only),
     parameters, weights, config hash, versions, device -- and the full ``config`` (a dict) for grouping."""
     cfg = row.get("config") or {}
     rec: Dict[str, Any] = {
         "method": row.get("upsampler"), "backbone": row.get("backbone"), "dataset": row.get("dataset"),
-        "task": row.get("task"), "status": row.get("status"), "seed": row.get("seed"),
+        "task": row.get("task"), "protocol": protocol_id(cfg, _get(row, "device.type")),
+        "status": row.get("status"), "seed": row.get("seed"),
         "params": (row.get("params") or {}).get("upsampler"),
         "weights": _get(cfg, "upsampler.weights"),
         "config_hash": row.get("config_hash"), "note": row.get("note"), "error": row.get("error"),

@@ -2,6 +2,7 @@
 (found in :data:`upbench.registry.TASKS`) -> one result row (:func:`upbench.schema.build_row`) -> the store."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -62,11 +63,15 @@ def run_job(cfg_in: Any, log: Callable[[str], None] = print, cache: Optional[Fea
                     upsampled_budget_gb=float(cache_cfg.get("upsampled_gb", 0.0) or 0.0))
     torch.manual_seed(int(cfg["seed"]))  # again: building (or reusing) models must not shift the task's randomness
     checkpoint = store.checkpoint_path(key)   # long tasks resume from it after a requeue or a re-run
+    load_start = results.load_average()
     out = task.run(Job(cfg={**task_cfg, "seed": cfg["seed"]}, full_cfg=cfg, pipe=pipe, train_set=train_set,
                        val_set=val_set, device=device, seed=int(cfg["seed"]), log=log, checkpoint=checkpoint,
                        out_dir=store.root / "artefacts" / key))
-    row = build_row(cfg, key, "ok", metrics=out["metrics"], timing={**pipe.timing(), **out.get("timing", {})},
-                    data=out.get("data", {}), params={"upsampler": int(upsampler.num_params)},
+    timing = {**pipe.timing(), **out.get("timing", {}), "load_start": load_start, "load_end": results.load_average()}
+    artefacts = {name: os.path.relpath(path, store.root) for name, path in (out.get("artefacts") or {}).items()
+                 if path}
+    row = build_row(cfg, key, "ok", metrics=out["metrics"], timing=timing, data=out.get("data", {}),
+                    params={"upsampler": int(upsampler.num_params)}, artefacts=artefacts,
                     versions=results.versions(), device=results.device_info(device), started=started,
                     finished=results.now(), wall_s=time.perf_counter() - t0)
     path = store.write(row)

@@ -220,7 +220,8 @@ def measure_point(pcfg: Dict[str, Any], key: str, family: str, s: Dict[str, Any]
     times = report.get("times_ms") or []
     timing: Dict[str, Any] = {"runs": len(times), "warmup": report.get("warmup_done", 0),
                               "clock": report.get("clock"), "first_ms": report.get("first_ms"), "times_ms": times,
-                              "worker": outcome["worker"]}
+                              "worker": outcome["worker"], "load_start": report.get("load_start"),
+                              "load_end": report.get("load_end"), "cpu_count": cpu_count()}
     if times:
         qs = _quantiles(times)
         timing.update(median_ms=qs[1], iqr_ms=qs[2] - qs[0], mean_ms=sum(times) / len(times), min_ms=min(times))
@@ -379,7 +380,8 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
                 "error": f"{more} more forwards at {first:.1f} s exceed time_limit_s={spec['time_limit_s']:g}; "
                          "timed once"}
 
-    # ---- warm-ups and timed runs
+    # ---- warm-ups and timed runs, with the machine's load around them (a loaded machine makes times untrustworthy)
+    out["load_start"] = _load_average()
     times: List[float] = []
     try:
         with torch.inference_mode():
@@ -396,7 +398,22 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         if _is_oom(exc):
             return {**out, "status": "oom", "error": _first_line(exc)}
         raise
+    out["load_end"] = _load_average()
     return {**out, "status": "ok", "times_ms": times, "warmup_done": max(warmup, 2)}
+
+
+def _load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 class WorkerServer:

@@ -17,6 +17,7 @@ A row is stored as ``<results>/rows/<config_hash>.json`` (strict JSON: no NaN / 
 ``memory``       {name: value}: peak memory where measured (sweep points)
 ``data``         {name: value}: what was measured on (sizes, counts, settings a reader needs to interpret it)
 ``params``       {"upsampler": int}: parameter count
+``artefacts``    {name: path relative to the results folder}: files the run left (e.g. the trained probe's weights)
 ``note``         str or null: why a row is not a normal result (e.g. a demo entry that was not run)
 ``error``        str or null: the first line of the error of a failed run / point
 ``config``       the whole resolved config
@@ -50,6 +51,7 @@ class Row:
     memory: Dict[str, Any] = field(default_factory=dict)
     data: Dict[str, Any] = field(default_factory=dict)
     params: Dict[str, Any] = field(default_factory=lambda: {"upsampler": 0})
+    artefacts: Dict[str, str] = field(default_factory=dict)
     note: Optional[str] = None
     error: Optional[str] = None
     config: Dict[str, Any] = field(default_factory=dict)
@@ -120,7 +122,8 @@ def upgrade(row: Dict[str, Any]) -> Dict[str, Any]:
             if key in out:
                 data[key] = out.pop(key)
         out["data"] = data
-    for key, default in (("metrics", {}), ("timing", {}), ("memory", {}), ("data", {}), ("params", {"upsampler": 0})):
+    for key, default in (("metrics", {}), ("timing", {}), ("memory", {}), ("data", {}), ("params", {"upsampler": 0}),
+                         ("artefacts", {})):
         if not isinstance(out.get(key), dict):
             out[key] = default
     out.setdefault("seed", (out.get("config") or {}).get("seed", 0))

@@ -49,6 +49,9 @@ class Upsampler(nn.Module):
     #: how cost grows with the number of tokens: "interpolation", "local" (convolutions / fixed neighbourhoods:
     #: linear in pixels) or "cross-attention" (every pixel attends to the tokens: pixels x tokens)
     family: ClassVar[str] = "local"
+    #: True for methods that reach their output in repeated 2x steps and expose every step through
+    #: ``forward_steps(image, features, iters) -> [2x, 4x, ...]`` (the ``stability`` task measures their drift)
+    iterative: ClassVar[bool] = False
 
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Any) -> torch.Tensor:
         raise NotImplementedError

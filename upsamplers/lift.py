@@ -95,6 +95,7 @@ class LiFT(Upsampler):
     ``loftup14`` (adaptive max-pool adapter) otherwise.  At least one call is always made.
     """
 
+    iterative = True
     official_methods = ("LiFT", "LiFT-loftup14")
     pretrained_sources = _sources()
     checkpoint_prefixes = ("module.",)
@@ -157,6 +158,10 @@ class LiFT(Upsampler):
                                     align_corners=False)
         return steps
 
+    def forward_steps(self, image: torch.Tensor, features: torch.Tensor, iters: int = 1) -> List[torch.Tensor]:
+        """Every 2x step's output for ``iters`` steps (the harness's view of :meth:`iterate`)."""
+        return self.iterate(image, features, iters)
+
     @staticmethod
     def doublings(grid: Tuple[int, int], size: Tuple[int, int]) -> int:
         """Smallest k ≥ 1 with 2^k·(h, w) ≥ size on both sides."""
@@ -213,6 +218,7 @@ class LiFT2x(LiFT):
     """LiFT, a single 2x call, then plain bilinear (align_corners=False, no antialias) to ``output_size``."""
 
     official_methods = ()
+    iterative = False
 
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Any) -> torch.Tensor:
         size = as_size(output_size)

@@ -120,6 +120,7 @@ class UPLiFT(Upsampler):
     """
 
     official_methods = ("UPLiFT",)
+    iterative = True
     pretrained_sources = {
         "uplift_dinov2-s14": _hf("uplift_dinov2-s14"),
         "uplift_dinov3-splus16": _hf("uplift_dinov3-splus16"),

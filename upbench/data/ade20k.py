@@ -6,6 +6,7 @@ from pathlib import Path
 
 from upbench.registry import DATASETS
 
+from . import classes
 from .base import SegDataset, list_images, missing_data, pair_by_stem
 
 SPLITS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
@@ -15,6 +16,7 @@ SPLITS = {"train": "training", "val": "validation", "training": "training", "val
 class ADE20K(SegDataset):
     name = "ade20k"
     num_classes = 151
+    class_names = classes.ADE20K
 
     def __init__(self, root: str, split: str = "val", img_size: int = 448, **_):
         base = Path(root).expanduser()

@@ -44,6 +44,7 @@ class SegDataset(torch.utils.data.Dataset):
 
     name = "seg"
     num_classes: int = 0
+    class_names: Tuple[str, ...] = ()
     ignore_index: int = IGNORE
 
     def __init__(self, pairs: Sequence[Tuple[str, str]], img_size: int = 448,

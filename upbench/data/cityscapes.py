@@ -8,6 +8,7 @@ import numpy as np
 
 from upbench.registry import DATASETS
 
+from . import classes
 from .base import IGNORE, SegDataset, missing_data
 
 # labelId -> trainId (official cityscapesScripts table); everything else is ignored
@@ -22,6 +23,7 @@ for _k, _v in _TRAIN_IDS.items():
 class Cityscapes(SegDataset):
     name = "cityscapes"
     num_classes = 19
+    class_names = classes.CITYSCAPES
 
     def __init__(self, root: str, split: str = "val", img_size: int = 448, **_):
         base = Path(root).expanduser()

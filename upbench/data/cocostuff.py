@@ -43,6 +43,7 @@ LAYOUT = ("coco_stuff164k/{images,annotations}/{train2017,val2017}/ (annotations
 @DATASETS.register("cocostuff")
 class CocoStuff27(SegDataset):
     name = "cocostuff"
+    class_names = tuple(COARSE_NAMES)
     num_classes = 27
 
     def __init__(self, root: str, split: str = "val", img_size: int = 448,

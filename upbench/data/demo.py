@@ -91,6 +91,7 @@ def make_item(seed: int, split: str, index: int, size: int) -> Tuple[np.ndarray,
 class DemoSegmentation(GeneratedItems, SegDataset):
     name = "demo"
     num_classes = len(CLASSES)
+    class_names = tuple(name for name, _ in CLASSES)
 
     def __init__(self, split: str = "train", img_size: int = 224, num_images: int = 32, seed: int = 0, **_):
         super().__init__([], img_size)

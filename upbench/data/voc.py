@@ -6,6 +6,7 @@ from pathlib import Path
 
 from upbench.registry import DATASETS
 
+from . import classes
 from .base import SegDataset, list_images, missing_data, pair_by_stem
 
 LAYOUT = ("VOCdevkit/VOC2012/{JPEGImages/*.jpg, SegmentationClass/*.png, ImageSets/Segmentation/{train,val}.txt}, "
@@ -16,6 +17,7 @@ LAYOUT = ("VOCdevkit/VOC2012/{JPEGImages/*.jpg, SegmentationClass/*.png, ImageSe
 class VOC(SegDataset):
     name = "voc"
     num_classes = 21
+    class_names = classes.VOC
 
     def __init__(self, root: str, split: str = "val", img_size: int = 448, **_):
         base = Path(root).expanduser()

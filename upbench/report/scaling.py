@@ -4,13 +4,37 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .tables import UPSAMPLER_ORDER, Table
 from .tables import order as _order
 
 SCALING_FAIL_LABELS = {"oom": "OOM", "timeout": "timeout", "error": "error"}
+#: a timed point whose IQR exceeds this fraction of its median is flagged as noisy
+NOISY_IQR = 0.25
+#: a point timed while the 1-minute load average exceeded this many times the CPUs it may use is flagged as loaded
+LOADED = 1.25
+#: the fewest points a log-log slope is fitted on
+MIN_SLOPE_POINTS = 3
+FLAGS = {"noisy": "†", "loaded": "‡"}
+
+
+def point_flags(row: Dict[str, Any]) -> List[str]:
+    """Why a point's time is not trustworthy: ``noisy`` (IQR / median > NOISY_IQR), ``loaded`` (the machine's load
+    during the timed runs above LOADED x its CPUs)."""
+    t = row.get("timing") or {}
+    flags = []
+    median, iqr = t.get("median_ms"), t.get("iqr_ms")
+    if row.get("status") == "ok" and median and iqr is not None and iqr / median > NOISY_IQR:
+        flags.append("noisy")
+    loads = [v for v in (t.get("load_start"), t.get("load_end")) if isinstance(v, (int, float))]
+    if loads and t.get("cpu_count") and max(loads) > LOADED * t["cpu_count"]:
+        flags.append("loaded")
+    return flags
+
+
+def _marks(row: Dict[str, Any]) -> str:
+    return "".join(FLAGS[f] for f in point_flags(row))
 
 
 def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> Optional[float]:
@@ -40,30 +64,42 @@ def _scaling_groups(rows: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, ...], Lis
 
 
 def scaling_summary(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """Per upsampler: slopes of time and memory versus tokens, the largest tokens reached, what stopped it."""
+    """Per upsampler: slopes of time and memory versus tokens, the largest tokens reached, what stopped it.
+
+    The time slope is fitted on the fully timed points that are not flagged (:func:`point_flags`); with fewer than
+    MIN_SLOPE_POINTS of those it falls back to every point with a time (flagged, or timed once at the time limit),
+    marked ``fallback``; with fewer still there is no slope.  The top-3 slope only exists with more than three
+    trusted points (otherwise it would repeat the slope)."""
     by_up: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_up[r["upsampler"]].append(r)
     out: Dict[str, Dict[str, Any]] = {}
     for up in _order(by_up, UPSAMPLER_ORDER):
         rs = sorted(by_up[up], key=lambda r: r["data"]["tokens"])
-        timed = [r for r in rs if r["status"] == "ok" and r["timing"].get("median_ms")]
+        timed = [r for r in rs if r["status"] == "ok" and r["timing"].get("median_ms") and not point_flags(r)]
         mem = [r for r in rs if r["status"] in ("ok", "time_limit") and r["memory"].get("peak_mb")]
         reached = [r for r in rs if r["status"] in ("ok", "time_limit")]
         failed = [r for r in rs if r["status"] in SCALING_FAIL_LABELS]
-        timed_star = False
-        if len(timed) < 2:  # too few fully timed points: fit the single-forward (time-limited) ones too, marked *
+        fallback = False
+        if len(timed) < MIN_SLOPE_POINTS:
             timed = [r for r in rs if r["status"] in ("ok", "time_limit") and r["timing"].get("median_ms")]
-            timed_star = True
-        top = timed[-3:] if not timed_star else []
+            fallback = True
+        top = timed[-3:] if not fallback and len(timed) > 3 else []
+
+        def slope(points: List[Dict[str, Any]], value) -> Optional[float]:
+            if len(points) < MIN_SLOPE_POINTS:
+                return None
+            return fit_slope([r["data"]["tokens"] for r in points], [value(r) for r in points])
+
+        time_slope = slope(timed, lambda r: r["timing"]["median_ms"])
         out[up] = {
             "family": rs[0]["data"].get("family", "learned"),
             "params_m": (rs[0].get("params", {}).get("upsampler") or 0) / 1e6,
-            "time_slope": fit_slope([r["data"]["tokens"] for r in timed], [r["timing"]["median_ms"] for r in timed]),
-            "time_slope_single": timed_star,
-            "time_slope_top": fit_slope([r["data"]["tokens"] for r in top], [r["timing"]["median_ms"] for r in top])
-            if len(top) == 3 else None,
-            "memory_slope": fit_slope([r["data"]["tokens"] for r in mem], [r["memory"]["peak_mb"] for r in mem]),
+            "time_slope": time_slope,
+            "time_slope_single": fallback and time_slope is not None,
+            "time_slope_top": slope(top, lambda r: r["timing"]["median_ms"]),
+            "memory_slope": slope(mem, lambda r: r["memory"]["peak_mb"]),
+            "flagged": sum(1 for r in rs if point_flags(r)),
             "max_tokens": reached[-1]["data"]["tokens"] if reached else None,
             "max_size": reached[-1]["data"]["size"] if reached else None,
             "stopped": (f"{SCALING_FAIL_LABELS[failed[0]['status']]} at {failed[0]['data']['tokens']}" if failed else
@@ -73,21 +109,26 @@ def scaling_summary(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]
     return out
 
 
+def _title(key: Tuple[str, ...]) -> str:
+    return " - ".join(k for k in key if k)
+
+
 def scaling_tables(rows: Sequence[Dict[str, Any]]) -> List[Table]:
     """Per (backbone, device, dtype, threads, cap): forward time and peak memory (rows = tokens, columns =
     upsamplers), then a summary per upsampler with the log-log slopes and the largest token count reached."""
     tables = []
     for key, grp in sorted(_scaling_groups(rows).items()):
-        title = " - ".join(k for k in key if k)
+        title = _title(key)
         ups = _order((r["upsampler"] for r in grp), UPSAMPLER_ORDER)
         cell = {(r["upsampler"], r["data"]["tokens"]): r for r in grp}
         tokens = sorted({r["data"]["tokens"] for r in grp})
         size_of = {r["data"]["tokens"]: r["data"]["size"] for r in grp}
         runs = sorted({r["timing"].get("runs", 0) for r in grp if r["status"] == "ok"})
+        flagged = {f for r in grp for f in point_flags(r)}
         for what in ("time", "memory"):
             cols = [("", u) for u in ups]
             unit = "median ms (IQR)" if what == "time" else "peak MB"
-            t = Table(f"Scaling {what} ({unit}) - {title}", cols)
+            t = Table(f"Scaling {what} ({unit}) - {title}", cols, row_header="Tokens (px)")
             for n in tokens:
                 cells: Dict[Tuple[str, str], Any] = {}
                 for u in ups:
@@ -99,40 +140,76 @@ def scaling_tables(rows: Sequence[Dict[str, Any]]) -> List[Table]:
                     elif what == "time":
                         tm = r["timing"]
                         cells[("", u)] = (f"{tm['median_ms']:.1f}*" if r["status"] == "time_limit" else
-                                          f"{tm['median_ms']:.1f} ({tm['iqr_ms']:.1f})")
+                                          f"{tm['median_ms']:.1f} ({tm['iqr_ms']:.1f}){_marks(r)}")
                     else:
                         mb = r["memory"].get("peak_mb")
                         cells[("", u)] = "–" if mb is None else f"{mb:.0f}"
-                t.rows.append((f"{n} tok ({size_of[n]} px)", cells))
+                t.rows.append((f"{n} ({size_of[n]} px)", cells))
             if what == "time":
                 t.notes.append(f"median (IQR) of {'/'.join(map(str, runs)) or '?'} timed forwards after warm-up; "
                                "* = one forward only (the point's time limit); OOM = over the memory cap; "
                                "– = not run (a smaller size already failed)")
+                if "noisy" in flagged:
+                    t.notes.append(f"† noisy: IQR above {NOISY_IQR:.0%} of the median; not used for slopes")
+                if "loaded" in flagged:
+                    t.notes.append(f"‡ loaded: the machine's load average exceeded {LOADED:g} x its CPUs while timing; "
+                                   "not used for slopes; re-run on a quiet machine")
             tables.append(t)
         summ = scaling_summary(grp)
         ref_tokens = min(tokens, key=lambda n: abs(size_of[n] - 448))
-        cols = [("", "Family"), ("", "Params (M)"), ("", f"GFLOPs @{size_of[ref_tokens]}px"),
-                ("", "Time slope"), ("", "Time slope (top 3)"), ("", "Memory slope"), ("", "Max tokens"),
-                ("", "Stopped by")]
+        top_col = any(s["time_slope_top"] is not None for s in summ.values())
+        cols = [("", "Family"), ("", "Params (M)"), ("", f"GFLOPs @{size_of[ref_tokens]}px"), ("", "Time slope")]
+        cols += [("", "Time slope (top 3)")] if top_col else []
+        cols += [("", "Memory slope"), ("", "Max tokens"), ("", "Stopped by")]
         t = Table(f"Scaling summary (log-log slopes vs tokens) - {title}", cols)
         for u in ups:
             s = summ[u]
             g = s["gflops"].get(ref_tokens)
-            t.rows.append((u, {
+            cells = {
                 ("", "Family"): s["family"], ("", "Params (M)"): f"{s['params_m']:.2f}" if s["params_m"] else "–",
                 ("", f"GFLOPs @{size_of[ref_tokens]}px"): "–" if g is None else f"{g:.1f}",
-                ("", "Time slope"): _num(s["time_slope"]) + ("*" if s["time_slope_single"] and s["time_slope"] else ""),
-                ("", "Time slope (top 3)"): _num(s["time_slope_top"]),
+                ("", "Time slope"): _num(s["time_slope"]) + ("*" if s["time_slope_single"] else ""),
                 ("", "Memory slope"): _num(s["memory_slope"]),
                 ("", "Max tokens"): "–" if s["max_tokens"] is None else f"{s['max_tokens']} ({s['max_size']} px)",
-                ("", "Stopped by"): s["stopped"]}))
-        t.notes.append("slopes: least-squares fit of log(time) / log(peak memory) on log(tokens) over the timed "
-                       "(time) or measured (memory) points (* = fewer than two fully timed points, so the single "
-                       "forwards are fitted too); 1 = linear, 2 = quadratic. GFLOPs count matmul/conv ops "
+                ("", "Stopped by"): s["stopped"]}
+            if top_col:
+                cells[("", "Time slope (top 3)")] = _num(s["time_slope_top"])
+            t.rows.append((u, cells))
+        t.notes.append(f"slopes: least-squares fit of log(time) / log(peak memory) on log(tokens), over at least "
+                       f"{MIN_SLOPE_POINTS} points: the fully timed points not flagged † / ‡ (time) or the measured "
+                       "points (memory); * = too few of those, so flagged and single-forward points are fitted too; "
+                       "– = fewer points than that. 1 = linear, 2 = quadratic. GFLOPs count matmul/conv ops "
                        "(torch.utils.flop_counter).")
+        negative = [u for u in ups if (summ[u]["time_slope"] or 0) < 0]
+        if negative:
+            t.notes.append("negative time slopes (" + ", ".join(negative) + "): at these sizes fixed per-call costs "
+                           "dominate; the slope says nothing about scaling")
         t.notes += _reach_notes(summ)
         tables.append(t)
     return tables
+
+
+def scaling_csv(rows: Sequence[Dict[str, Any]]) -> str:
+    """Tidy CSV of every sweep point: one value per cell, units in the column names."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    cols = ["backbone", "device", "dtype", "threads", "memory_cap_gb", "tag", "upsampler", "family", "tokens",
+            "size_px", "status", "median_ms", "iqr_ms", "min_ms", "runs", "peak_mb", "gflops", "params",
+            "load_start", "load_end", "cpu_count", "flags"]
+    writer.writerow(cols)
+    for key, grp in sorted(_scaling_groups(rows).items()):
+        for r in sorted(grp, key=lambda r: (r["upsampler"], r["data"]["tokens"])):
+            c, t, m, d = r.get("config", {}), r.get("timing") or {}, r.get("memory") or {}, r["data"]
+            writer.writerow([r["backbone"], (c.get("device") or {}).get("name"), c.get("dtype"), c.get("cpu_threads"),
+                             c.get("memory_limit_gb"), c.get("tag") or "", r["upsampler"], d.get("family"),
+                             d["tokens"], d["size"], r["status"], t.get("median_ms"), t.get("iqr_ms"),
+                             t.get("min_ms"), t.get("runs"), m.get("peak_mb"), d.get("gflops"),
+                             (r.get("params") or {}).get("upsampler"), t.get("load_start"), t.get("load_end"),
+                             t.get("cpu_count"), " ".join(point_flags(r))])
+    return buf.getvalue()
 
 
 def _num(v: Optional[float]) -> str:
@@ -156,50 +233,3 @@ def _reach_notes(summ: Dict[str, Dict[str, Any]]) -> List[str]:
             notes.append(f"reach: {u} {bound}{s['max_tokens'] / cross[best]['max_tokens']:.2f}x the tokens of the "
                          f"best cross-attention method ({best}: {cross[best]['max_tokens']}, {cross[best]['stopped']}).")
     return notes
-
-
-def scaling_figure(rows: Sequence[Dict[str, Any]], path: str, log_scale: bool = True) -> Optional[str]:
-    """Figure-1-style PNG: forward time and peak memory versus tokens, one line per upsampler, an x where an
-    upsampler ran out of memory. Returns the path, or None when there is nothing to plot."""
-    pts = [r for r in rows if r.get("task") == "scaling"]
-    if not pts:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
-
-    recs = []
-    for r in pts:
-        recs.append({"upsampler": r["upsampler"], "tokens": r["data"]["tokens"], "status": r["status"],
-                     "time_ms": r["timing"].get("median_ms") if r["status"] in ("ok", "time_limit") else None,
-                     "memory_mb": r["memory"].get("peak_mb") if r["status"] in ("ok", "time_limit") else None})
-    df = pd.DataFrame(recs)
-    order = _order(df["upsampler"], UPSAMPLER_ORDER)
-    sns.set_theme(style="whitegrid", context="paper")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    palette = dict(zip(order, sns.color_palette("tab10", len(order))))
-    for ax, col, label in ((axes[0], "time_ms", "forward time (ms)"), (axes[1], "memory_mb", "peak memory (MB)")):
-        sub = df.dropna(subset=[col])
-        if not sub.empty:
-            sns.lineplot(data=sub, x="tokens", y=col, hue="upsampler", hue_order=[u for u in order if u in set(sub["upsampler"])],
-                         palette=palette, marker="o", ax=ax)
-        oom = df[df["status"] == "oom"]
-        for _, o in oom.iterrows():
-            done = df[(df["upsampler"] == o["upsampler"]) & df[col].notna()]
-            if not done.empty:
-                ax.scatter([o["tokens"]], [done[col].max()], marker="x", s=60, color=palette[o["upsampler"]], zorder=5)
-        ax.set_xlabel("tokens")
-        ax.set_ylabel(label)
-        if log_scale:
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-    axes[0].set_title("median of the timed runs (one forward past the time limit)", fontsize=8)
-    axes[1].set_title("x = out of memory at that token count", fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return str(path)
