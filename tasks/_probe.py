@@ -12,7 +12,8 @@ from upbench.errors import UpbenchError
 from upbench.files import atomic_write
 from upbench.transforms import resize
 
-LR_SCHEDULES = ("per_epoch", "per_iter_jafar", "per_iter_total")
+LR_SCHEDULES = ("per_epoch", "per_iter_jafar", "per_iter_total", "constant")
+OPTIMIZERS = ("adamw", "nadam", "adam")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, mode: str, epochs: int, iters_per_epoch: int):
@@ -22,16 +23,41 @@ def make_scheduler(optimizer: torch.optim.Optimizer, mode: str, epochs: int, ite
     per_iter_jafar -- cosine with T_max=epochs stepped every iteration (the original JAFAR probe: the LR
                       oscillates with a period of 2*epochs iterations)
     per_iter_total -- cosine with T_max=epochs*iters stepped every iteration (NAF)
+    constant       -- no schedule (LoftUp's probe)
     """
     if mode not in LR_SCHEDULES:
         raise UpbenchError(f"unknown probe.lr_schedule '{mode}'; valid: {', '.join(LR_SCHEDULES)}")
+    if mode == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), False
     t_max = epochs * iters_per_epoch if mode == "per_iter_total" else epochs
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, t_max)), mode != "per_epoch"
+
+
+def make_optimizer(params, probe_cfg: Dict[str, Any]) -> torch.optim.Optimizer:
+    """``probe.optimizer``: adamw (the JAFAR / NAF probes), nadam (LoftUp's) or adam (FeatUp's), with ``lr``,
+    ``betas`` and ``weight_decay`` from the probe config."""
+    name = str(probe_cfg.get("optimizer", "adamw")).lower()
+    kwargs = dict(lr=float(probe_cfg["lr"]), betas=tuple(probe_cfg.get("betas", (0.9, 0.999))),
+                  weight_decay=float(probe_cfg.get("weight_decay", 0.0)))
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if name == "nadam":
+        return torch.optim.NAdam(params, **kwargs)
+    if name == "adam":
+        return torch.optim.Adam(params, **kwargs)
+    raise UpbenchError(f"unknown task.probe.optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
 
 
 def resize_prediction(pred: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """A probe's (B, K, h, w) output at the target's size (the JAFAR probes resize bilinearly, no antialias)."""
     return resize(pred, (int(size[0]), int(size[1])), "bilinear")
+
+
+def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, H, W) integer labels (or label maps) at ``size`` with ``nearest`` (LoftUp / FeatUp's probe)."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    return resize(labels[:, None].float(), (int(size[0]), int(size[1])), "nearest")[:, 0].to(labels.dtype)
 
 
 def save_head(job: Any, head: torch.nn.Module, kind: str, **meta: Any) -> Optional[str]:
@@ -81,7 +107,8 @@ def _load_probe_state(path: Path) -> Dict[str, Any]:
 def train_probe(train_set, probe_cfg: Dict[str, Any], params, seed: int,
                 loss_fn: Callable[[List[Dict[str, Any]], List[bool], int], torch.Tensor],
                 log=print, checkpoint: Optional[Path] = None) -> Tuple[List[float], List[float]]:
-    """AdamW over ``params``, the configured LR schedule, shuffled batches with random horizontal flips;
+    """The configured optimiser over ``params`` (AdamW by default), the LR schedule, shuffled batches with random
+    horizontal flips;
     ``loss_fn(items, flips, step)`` gives a batch's loss.  Returns (seconds per epoch, mean loss per epoch).
 
     ``checkpoint``: a file written after every epoch (probe weights, optimiser, schedule, shuffling RNG); a run that
@@ -89,8 +116,7 @@ def train_probe(train_set, probe_cfg: Dict[str, Any], params, seed: int,
     requeued (preempted / timed-out) or re-run job continues."""
     params = list(params)
     gen = torch.Generator().manual_seed(int(seed))
-    optim = torch.optim.AdamW(params, lr=probe_cfg["lr"], betas=tuple(probe_cfg["betas"]),
-                              weight_decay=probe_cfg["weight_decay"])
+    optim = make_optimizer(params, probe_cfg)
     batch_size, epochs = int(probe_cfg["batch_size"]), int(probe_cfg["epochs"])
     iters = (len(train_set) + batch_size - 1) // batch_size
     sched, per_iter = make_scheduler(optim, probe_cfg["lr_schedule"], epochs, iters)

@@ -1,6 +1,7 @@
 """Depth linear probe (the JAFAR / Probe3D protocol): frozen backbone + frozen upsampler, a 1x1-conv "bin" head
 (256 linear bins over [1e-3, 10], ReLU + 0.1, normalised, expectation), SigLoss + 0.5 x multi-scale gradient
-loss, AdamW; per-image depth metrics averaged over the validation images."""
+loss (``task.probe.grad_loss``: Probe3D's fixed loss, or JAFAR's released one), AdamW; per-image depth metrics
+averaged over the validation images."""
 from __future__ import annotations
 
 import math
@@ -50,22 +51,52 @@ def sig_loss(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, warmup: b
     return torch.sqrt(torch.var(g) + variance_focus * g.mean() ** 2)
 
 
-def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, scales: int = 4,
-                  eps: float = 1e-3) -> torch.Tensor:
-    """Multi-scale gradient matching of the log-depth difference (MegaDepth): at scales 1, 2, 4, 8 the mean
-    absolute horizontal and vertical differences of d = log(pred) - log(gt) between neighbouring valid pixels."""
-    total = pred.new_zeros(())
-    for s in range(scales):
-        step = 2 ** s
-        p, g, m = pred[..., ::step, ::step], gt[..., ::step, ::step], mask[..., ::step, ::step].float()
+GRAD_LOSSES = ("probe3d", "jafar_released")
+
+
+def _log_diff_terms(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, eps: float):
+    """The four scales of MegaDepth's gradient loss as Probe3D / JAFAR take them: the full map, then every 2nd, 4th and
+    6th pixel; at each, d = (log(pred + eps) - log(gt + eps)) on the valid pixels, the valid mask, and its count."""
+    scales = [(pred, gt, mask)] + [(pred[..., ::2 * i, ::2 * i], gt[..., ::2 * i, ::2 * i], mask[..., ::2 * i, ::2 * i])
+                                   for i in range(1, 4)]
+    for p, g, m in scales:
+        m = m.to(p.dtype)
         n = m.sum()
-        if n < 1:
-            continue
-        d = (torch.log(p + eps) - torch.log(g + eps)) * m
-        gx = (d[..., :, 1:] - d[..., :, :-1]).abs() * m[..., :, 1:] * m[..., :, :-1]
-        gy = (d[..., 1:, :] - d[..., :-1, :]).abs() * m[..., 1:, :] * m[..., :-1, :]
-        total = total + (gx.sum() + gy.sum()) / n
+        if n > 0:   # (the official code divides by zero here on a map with no valid pixel)
+            yield (torch.log(p + eps) - torch.log(g + eps)) * m, m, n
+
+
+def gradient_loss(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Probe3D's gradient loss after its Nov-2025 fix (mbanani/probe3d ``evals/utils/losses.py``): at strides 1, 2, 4
+    and 6, the summed absolute differences of d between valid pixels two apart, vertically and horizontally, over the
+    number of valid pixels at that stride.  ``pred``, ``gt``, ``mask``: (B, 1, H, W)."""
+    total = pred.new_zeros(())
+    for d, m, n in _log_diff_terms(pred, gt, mask, eps):
+        v = (d[..., :-2, :] - d[..., 2:, :]).abs() * m[..., :-2, :] * m[..., 2:, :]
+        h = (d[..., :, :-2] - d[..., :, 2:]).abs() * m[..., :, :-2] * m[..., :, 2:]
+        total = total + (v.sum() + h.sum()) / n
     return total
+
+
+def gradient_loss_jafar_released(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor,
+                                 eps: float = 1e-3) -> torch.Tensor:
+    """The gradient loss as JAFAR released it (``src/loss.py``, from Probe3D's first commit), indexing included: on
+    (B, 1, H, W) maps its "vertical" differences compare batch items two apart and its "horizontal" ones slice the
+    single channel, so the term is exactly 0 for batches of 1 or 2 and compares whole images for larger batches."""
+    total = pred.new_zeros(())
+    for d, m, n in _log_diff_terms(pred, gt, mask, eps):
+        v = (d[0:-2, :] - d[2:, :]).abs() * m[0:-2, :] * m[2:, :]
+        h = (d[:, 0:-2] - d[:, 2:]).abs() * m[:, 0:-2] * m[:, 2:]
+        total = total + (v.sum() + h.sum()) / n
+    return total
+
+
+def grad_loss_fn(name: str):
+    if name == "probe3d":
+        return gradient_loss
+    if name == "jafar_released":
+        return gradient_loss_jafar_released
+    raise UpbenchError(f"unknown task.probe.grad_loss '{name}'; valid: {', '.join(GRAD_LOSSES)}")
 
 
 def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, min_depth: float = MIN_DEPTH,
@@ -91,6 +122,14 @@ def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, min_depth: float = MIN_D
     }
 
 
+def target(item: Dict[str, Any], flip: bool) -> torch.Tensor:
+    """An item's ground truth as the probe sees it: flipped with the image, or -- for pseudo ground truth computed
+    on the flipped image itself (``coco_depth`` with ``pseudo_protocol=jafar``) -- that map."""
+    if flip:
+        return item["depth_flip"] if "depth_flip" in item else item["depth"].flip(-1)
+    return item["depth"]
+
+
 def head_input(pipe: Pipeline, item: Dict[str, Any], flip: bool, size, use_cls: bool) -> torch.Tensor:
     """Upsampled features, optionally concatenated with the L2-normalised CLS token broadcast to every pixel."""
     feats = pipe.item_upsampled(item, flip, size)
@@ -110,7 +149,9 @@ class DepthProbe(Task):
     table = TableSpec(
         title="Depth linear probes",
         metrics=(Metric("d1", "δ1"), Metric("rmse", "RMSE", "min", "{:.3f}")),
-        group_by=("backbone", "config.task.probe.lr_schedule"),
+        group_by=("backbone", "config.protocol.name", "config.task.probe.lr_schedule", "config.task.resize_at",
+                  "config.task.probe.grad_loss", "config.task.input_norm"),
+        group_labels={"config.protocol.name": "protocol"},
         paper={"dinov2_s14": "table1"},
         paper_datasets={"coco_depth": "cocostuff"},   # the papers' depth probe runs on COCO images
         paper_metrics={"d1": "delta1"},
@@ -121,19 +162,28 @@ class DepthProbe(Task):
         pipe, device, train_set, val_set = job.pipe, job.device, job.train_set, job.val_set
         probe_cfg = job.cfg["probe"]
         use_cls = bool(probe_cfg["cls_token"])
-        size = (train_set.img_size, train_set.img_size)
+        resize_at = job.cfg.get("resize_at", "features")
+        if resize_at == "labels":
+            raise UpbenchError("task.resize_at=labels is the segmentation probes' option; depth takes features or "
+                               "logits")
+        grid = tuple(pipe.item_features(train_set[0])[0].shape[-2:])
+        size = pipe.probe_size(grid, (train_set.img_size, train_set.img_size), resize_at)
         head = BinDepthHead(pipe.backbone.channels * (2 if use_cls else 1), int(probe_cfg["bins"]),
                             float(probe_cfg["min_depth"]), float(probe_cfg["max_depth"])).to(device)
         warmup_iters, grad_w = int(probe_cfg["sig_warmup_iters"]), float(probe_cfg["gradient_weight"])
+        grad_loss = grad_loss_fn(probe_cfg.get("grad_loss", "probe3d"))
+        empty_gt = probe_cfg.get("empty_gt", "skip")
+        if empty_gt not in ("skip", "nan"):
+            raise UpbenchError(f"unknown task.probe.empty_gt '{empty_gt}'; valid: skip, nan")
         max_depth = float(probe_cfg["max_depth"])
 
         def batch_loss(items, flips, step):
             x = torch.stack([head_input(pipe, it, f, size, use_cls) for it, f in zip(items, flips)]).to(device)
-            gt = torch.stack([it["depth"].flip(-1) if f else it["depth"] for it, f in zip(items, flips)])[:, None]
+            gt = torch.stack([target(it, f) for it, f in zip(items, flips)])[:, None]
             gt = gt.to(device)
             pred = resize_prediction(head(x), gt.shape[-2:])
             mask = valid_mask(gt, max_depth)
-            return sig_loss(pred, gt, mask, warmup=step < warmup_iters) + grad_w * gradient_loss(pred, gt, mask)
+            return sig_loss(pred, gt, mask, warmup=step < warmup_iters) + grad_w * grad_loss(pred, gt, mask)
 
         epoch_s, losses = train_probe(train_set, probe_cfg, head.parameters(), job.seed, batch_loss, job.log,
                                       checkpoint=job.checkpoint)
@@ -142,12 +192,16 @@ class DepthProbe(Task):
         with torch.inference_mode():
             for i in range(len(val_set)):
                 item = val_set[i]
-                x = head_input(pipe, item, False, (val_set.img_size, val_set.img_size), use_cls)[None].to(device)
+                x = head_input(pipe, item, False, size, use_cls)[None].to(device)
                 gt = item["depth"].to(device)
                 pred = resize_prediction(head(x), gt.shape[-2:])
                 m = depth_metrics(pred[0, 0], gt, float(probe_cfg["min_depth"]), max_depth)
                 if m is not None:
                     per_image.append(m)
+                elif empty_gt == "nan":   # the official code averages the NaN of such an image in
+                    raise UpbenchError(f"depth: validation image {item['id']} has no ground truth inside "
+                                       "(min_depth, max_depth); with task.probe.empty_gt=nan the official average is "
+                                       "NaN, so there is no result (task.probe.empty_gt=skip leaves it out)")
         if not per_image:
             raise UpbenchError("depth: no validation image has ground truth inside (min_depth, max_depth)")
         metrics: Dict[str, Any] = {k: sum(m[k] for m in per_image) / len(per_image) for k in METRICS}
@@ -156,10 +210,12 @@ class DepthProbe(Task):
             "metrics": metrics,
             "timing": {"probe_epoch_s": sum(epoch_s) / max(1, len(epoch_s)), "probe_epochs_s": epoch_s},
             "data": {"n_train": len(train_set), "n_val": len(val_set), "n_val_scored": len(per_image),
-                     "img_size": train_set.img_size, "head_input": "features+cls" if use_cls else "features"},
+                     "img_size": train_set.img_size, "probe_size": list(size), "feature_grid": list(grid),
+                     "head_input": "features+cls" if use_cls else "features",
+                     "grad_loss": probe_cfg.get("grad_loss", "probe3d")},
             "artefacts": {"probe": save_head(job, head, "depth", bins=int(probe_cfg["bins"]),
                                              min_depth=float(probe_cfg["min_depth"]), max_depth=max_depth,
-                                             cls_token=use_cls)},
+                                             cls_token=use_cls, probe_size=list(size))},
         }
 
     def predict(self, pipe, head_path: str, items, size) -> list:
@@ -171,8 +227,9 @@ class DepthProbe(Task):
         head.load_state_dict(state)
         head = head.to(pipe.device).eval()
         out = []
+        probe_size = tuple(meta.get("probe_size") or size)
         with torch.inference_mode():
             for item in items:
-                x = head_input(pipe, item, False, size, use_cls)[None].to(pipe.device)
+                x = head_input(pipe, item, False, probe_size, use_cls)[None].to(pipe.device)
                 out.append(resize_prediction(head(x), item["depth"].shape[-2:])[0, 0].cpu())
         return out

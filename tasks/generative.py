@@ -41,7 +41,8 @@ class LatentSuperResolution(Task):
         metrics=(Metric("ssim", "SSIM", "max", "{:.3f}"), Metric("psnr", "PSNR"), Metric("fid", "FID", "min"),
                  Metric("pfid", "p-FID", "min")),
         paper={"sd15_vae": "table4"},
-        group_labels={"backbone": "VAE"},
+        group_by=("backbone", "config.protocol.name"),
+        group_labels={"backbone": "VAE", "config.protocol.name": "protocol"},
         position=30,
     )
 

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from upbench.protocols import Job, Metric, TableSpec, Task
 
 from . import register
-from ._probe import load_head, resize_prediction, save_head, train_probe
+from ._probe import load_head, resize_labels, resize_prediction, save_head, train_probe
 
 
 @register("seg")
@@ -21,7 +21,8 @@ class SegProbe(Task):
     table = TableSpec(
         title="Segmentation linear probes",
         metrics=(Metric("miou", "mIoU"), Metric("acc", "Acc")),
-        group_by=("backbone", "config.task.probe.lr_schedule"),
+        group_by=("backbone", "config.protocol.name", "config.task.probe.lr_schedule", "config.task.resize_at"),
+        group_labels={"config.protocol.name": "protocol"},
         paper={"dinov2_s14": "table1", "dinov3_splus16": "table8"},
         position=10,
     )
@@ -32,13 +33,19 @@ class SegProbe(Task):
         pipe, device, train_set, val_set = job.pipe, job.device, job.train_set, job.val_set
         probe_cfg = job.cfg["probe"]
         num_classes, ignore = train_set.num_classes, train_set.ignore_index
-        size = (train_set.img_size, train_set.img_size)
+        resize_at = job.cfg.get("resize_at", "features")
+        grid = tuple(pipe.item_features(train_set[0])[0].shape[-2:])
+        size = pipe.probe_size(grid, (train_set.img_size, train_set.img_size), resize_at)
         probe = nn.Conv2d(pipe.backbone.channels, num_classes, 1).to(device)
 
         def batch_loss(items, flips, _step):
             feats = torch.stack([pipe.item_upsampled(it, f, size) for it, f in zip(items, flips)]).to(device)
             labels = torch.stack([it["label"].flip(-1) if f else it["label"] for it, f in zip(items, flips)])
-            logits = resize_prediction(probe(feats), labels.shape[-2:])
+            logits = probe(feats)
+            if resize_at == "labels":   # LoftUp / FeatUp: the labels come to the prediction's size (nearest)
+                labels = resize_labels(labels, logits.shape[-2:])
+            else:
+                logits = resize_prediction(logits, labels.shape[-2:])
             return F.cross_entropy(logits, labels.to(device), ignore_index=ignore)
 
         epoch_s, losses = train_probe(train_set, probe_cfg, probe.parameters(), job.seed, batch_loss, job.log,
@@ -51,9 +58,12 @@ class SegProbe(Task):
         with torch.inference_mode():
             for i in range(len(val_set)):
                 item = val_set[i]
-                feats = pipe.item_upsampled(item, False, (val_set.img_size, val_set.img_size))[None].to(device)
+                feats = pipe.item_upsampled(item, False, size)[None].to(device)
                 label = item["label"][None].to(device)
-                pred = resize_prediction(probe(feats), label.shape[-2:]).argmax(1)
+                if resize_at == "labels":   # the argmax comes to the labels' size (nearest)
+                    pred = resize_labels(probe(feats).argmax(1), label.shape[-2:])
+                else:
+                    pred = resize_prediction(probe(feats), label.shape[-2:]).argmax(1)
                 for metric in (miou, per_class, acc):
                     metric.update(pred, label)
                 valid = item["label"][item["label"] != ignore]
@@ -67,9 +77,10 @@ class SegProbe(Task):
                         "per_class_iou": [float(v) if n > 0 else None for v, n in zip(ious.tolist(), support.tolist())]},
             "timing": {"probe_epoch_s": sum(epoch_s) / max(1, len(epoch_s)), "probe_epochs_s": epoch_s},
             "data": {"n_train": len(train_set), "n_val": len(val_set), "img_size": train_set.img_size,
+                     "probe_size": list(size), "feature_grid": list(grid),
                      "num_classes": num_classes, "class_names": names,
                      "val_pixels_per_class": support.tolist()},
-            "artefacts": {"probe": save_head(job, probe, "seg", num_classes=num_classes)},
+            "artefacts": {"probe": save_head(job, probe, "seg", num_classes=num_classes, probe_size=list(size))},
         }
 
     def predict(self, pipe, head_path: str, items, size) -> list:
@@ -78,9 +89,10 @@ class SegProbe(Task):
         probe = nn.Conv2d(pipe.backbone.channels, int(meta["num_classes"]), 1)
         probe.load_state_dict(state)
         probe = probe.to(pipe.device).eval()
+        probe_size = tuple(meta.get("probe_size") or size)
         out = []
         with torch.inference_mode():
             for item in items:
-                feats = pipe.item_upsampled(item, False, size)[None].to(pipe.device)
+                feats = pipe.item_upsampled(item, False, probe_size)[None].to(pipe.device)
                 out.append(resize_prediction(probe(feats), item["label"].shape[-2:]).argmax(1)[0].cpu())
         return out

@@ -50,8 +50,9 @@ class TextToImageUpscale(Task):
     table = TableSpec(
         title="Text-to-image upscaling",
         metrics=(Metric("fid", "FID", "min"), Metric("pfid", "p-FID", "min"), Metric("clip", "CLIP", "max")),
-        group_by=("backbone", "data.base_size", "data.out_size"),
-        group_labels={"backbone": "VAE", "data.base_size": "base px", "data.out_size": "output px"},
+        group_by=("backbone", "data.base_size", "data.out_size", "config.protocol.name"),
+        group_labels={"backbone": "VAE", "data.base_size": "base px", "data.out_size": "output px",
+                      "config.protocol.name": "protocol"},
         paper={"sd15_vae": "table2_3"},
         baseline=("no upscaling ({base_size} px)", "_base"),
         position=40,

@@ -174,7 +174,9 @@ class MultiDepthTraining(Task):
         model.eval()
         final = train_weights_path(cfg)
         save_weights(final, model, {"steps": total_steps, "config_hash": ident, "backbone": cfg["backbone"]["name"],
-                                    "in_channels": pipe.backbone.channels, "patch_size": pipe.backbone.patch_size})
+                                    "in_channels": pipe.backbone.channels, "patch_size": pipe.backbone.patch_size,
+                                    "upsampler_kwargs": cfg["upsampler"].get("kwargs") or {},
+                                    "depths": depths})
         final.with_suffix(".log.json").write_text(json.dumps({"config": cfg, "history": history}, indent=1,
                                                              default=str))
         if not tcfg.get("keep_state", False):

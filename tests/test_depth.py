@@ -43,17 +43,44 @@ def test_sig_loss_by_hand():
     assert sig_loss(gt.clamp_min(1), gt.clamp_min(1), torch.ones_like(mask)).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_gradient_loss_by_hand():
-    gt = torch.ones(1, 1, 4, 4)
-    assert gradient_loss(gt * 3, gt, torch.ones_like(gt, dtype=torch.bool)).item() == pytest.approx(0.0, abs=1e-6)
-    pred = torch.ones(1, 1, 4, 4)
-    pred[..., :, 2:] = 2.0  # a vertical step: log difference jumps by log(2.001/1.001) across one column boundary
-    step = math.log(2.001 / 1.001)
+def test_probe3d_gradient_loss_by_hand():
+    """Probe3D's fixed loss: neighbours two pixels apart, at strides 1, 2, 4 and 6, over the valid pixels."""
+    gt = torch.ones(1, 1, 6, 6)
     mask = torch.ones_like(gt, dtype=torch.bool)
-    # scale 1: 4 rows x 1 jump / 16 pixels; scale 2 (rows 0, 2; cols 0, 2): 2 rows x 1 jump / 4 pixels;
-    # scales 4 and 8 see a single column: no horizontal neighbours
-    want = 4 * step / 16 + 2 * step / 4
+    assert gradient_loss(gt * 3, gt, mask).item() == pytest.approx(0.0, abs=1e-6)   # a constant ratio has no gradient
+    pred = torch.ones(1, 1, 6, 6)
+    pred[..., :, 3:] = 2.0    # columns 3..5 are twice as far
+    step = math.log(2.001 / 1.001)
+    # stride 1: horizontal pairs (c, c+2) that cross the step: (1,3), (2,4) -> 2 per row x 6 rows, over 36 pixels;
+    # stride 2 keeps columns 0, 2, 4: the one pair (0, 4) crosses, 3 rows, over 9 pixels;
+    # strides 4 (columns 0, 4) and 6 (column 0) have no pair two apart
+    want = 12 * step / 36 + 3 * step / 9
     assert gradient_loss(pred, gt, mask).item() == pytest.approx(want, rel=1e-5)
+    # an invalid pixel drops the pairs it is in and the count
+    mask2 = mask.clone()
+    mask2[0, 0, 0, 1] = False
+    want2 = 11 * step / 35 + 3 * step / 9
+    assert gradient_loss(pred, gt, mask2).item() == pytest.approx(want2, rel=1e-5)
+
+
+def test_jafar_released_gradient_loss_is_zero_at_batch_two_and_not_at_three():
+    from upbench.tasks.depth import gradient_loss_jafar_released as released
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(3, 1, 8, 8, generator=g) + 0.5
+    gt = torch.rand(3, 1, 8, 8, generator=g) + 0.5
+    mask = torch.ones_like(gt, dtype=torch.bool)
+    assert released(pred[:2], gt[:2], mask[:2]).item() == 0.0            # exactly, whatever the maps
+    assert released(pred[:1], gt[:1], mask[:1]).item() == 0.0
+    # batch 3: at every stride (the maps are subsampled spatially, the batch is not) its "vertical" term compares
+    # items 0 and 2 pixel by pixel, over all valid pixels of the three items; its "horizontal" term is empty
+    d = torch.log(pred + 1e-3) - torch.log(gt + 1e-3)
+    want = 0.0
+    for s in (1, 2, 4, 6):
+        ds = d[..., ::s, ::s]
+        want += float((ds[0] - ds[2]).abs().sum()) / ds.numel()
+    assert released(pred, gt, mask).item() == pytest.approx(want, rel=1e-5) and want > 0
+    assert gradient_loss(pred, gt, mask).item() != pytest.approx(want, rel=1e-3)
 
 
 def test_depth_metrics_by_hand():

@@ -5,7 +5,6 @@ import html.parser
 import json
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple
 
-from .config import compose, config_options
+from .config import compose, config_options, register_resolvers
 from .errors import UpbenchError
 
-GROUPS = ("task", "upsampler", "backbone", "dataset")
+GROUPS = ("task", "upsampler", "backbone", "dataset", "protocol")
 LAUNCHERS = ("slurm", "local", "basic", "submitit_slurm", "submitit_local")
 
 __all__ = ["main", "compose", "config_options"]
@@ -77,6 +77,7 @@ def _hydra_main(overrides: List[str], multirun: bool, config_name: str, job: Cal
     from omegaconf import DictConfig
 
     overrides, multirun = launcher_overrides(overrides, multirun)
+    register_resolvers()
     failed: List[dict] = []
     chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra/launcher=")]
     if any(name != "basic" for name in chosen):
@@ -155,6 +156,8 @@ def _split_multirun(argv: Sequence[str]) -> Tuple[List[str], bool]:
 
 def cmd_run(argv: List[str]) -> None:
     overrides, multirun = _split_multirun(argv)
+    # the preset group always has a default (none), so Hydra's append form means the same as choosing it
+    overrides = [o[1:] if o.startswith("+protocol=") else o for o in overrides]
     validate_overrides(overrides)
     _hydra_main(overrides, multirun, "config", _run_job)
 
@@ -166,10 +169,27 @@ def cmd_train(argv: List[str]) -> None:
 
 
 def cmd_list(_: List[str]) -> None:
-    for group in GROUPS:
+    for group in GROUPS[:-1]:
         print(f"{group}s: {', '.join(registered(group))}")
     print(f"sweeps: {', '.join(config_options('sweep'))}")
     print(f"clusters (slurm/cluster/): {', '.join(config_options('cluster'))}")
+    print("protocols (protocol=<name>, configs/protocol/):")
+    for name, preset in protocol_presets().items():
+        print(f"  {name:<15} {preset.get('description', '')}")
+
+
+def protocol_presets() -> dict:
+    """name -> the ``protocol`` section of every preset (name, description, tasks, sources, unstated)."""
+    import yaml
+
+    from .config import config_dir
+
+    out = {}
+    for name in config_options("protocol"):
+        data = yaml.safe_load((config_dir() / "protocol" / f"{name}.yaml").read_text()) or {}
+        if isinstance(data.get("protocol"), dict):
+            out[name] = data["protocol"]
+    return out
 
 
 def cmd_demo(argv: List[str]) -> None:

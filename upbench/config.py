@@ -7,10 +7,26 @@ from typing import Any, Dict, List, Sequence
 from .errors import UpbenchError
 
 
+def register_resolvers() -> None:
+    """upbench's OmegaConf resolvers (idempotent).  ``${join:${train.depths}}`` -> ``1-2-3``: a list as a path-safe
+    name, so a multirun over lists can give each job its own folder."""
+    from omegaconf import OmegaConf
+
+    def join(values: Any, sep: str = "-") -> str:
+        if isinstance(values, str) or not hasattr(values, "__iter__"):
+            return str(values)
+        return sep.join(str(v) for v in values)
+
+    if not OmegaConf.has_resolver("join"):
+        OmegaConf.register_new_resolver("join", join)
+
+
 def to_container(cfg: Any) -> Dict[str, Any]:
     """A resolved plain dict from a Hydra ``DictConfig`` (or any mapping)."""
     try:
         from omegaconf import DictConfig, OmegaConf
+
+        register_resolvers()
 
         if isinstance(cfg, DictConfig):
             return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
@@ -64,5 +80,6 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
+    register_resolvers()
     with initialize_config_module(config_module="upbench.configs", version_base=None):
         return hydra_compose(config_name=config_name, overrides=list(overrides))

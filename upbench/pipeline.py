@@ -20,7 +20,7 @@ from .errors import UpbenchError
 from .registry import BACKBONES, DATASETS, UPSAMPLERS
 from .results import config_hash
 from .timing import Stopwatch, median_ms
-from .transforms import normalize
+from .transforms import normalize, resize
 
 #: keys of a backbone config that declare facts about it (checked against the built model), not constructor arguments
 DECLARED = ("channels", "patch_size")
@@ -191,13 +191,21 @@ def check_output(out: torch.Tensor, features: torch.Tensor, output_size: Sequenc
                            f"{(*features.shape[:2], *size)} (the output-size contract)")
 
 
+INPUT_NORMS = ("normalised", "official_unnormalised")
+RESIZE_AT = ("features", "logits", "labels")
+
+
 class Pipeline:
     """``backbone``, ``upsampler`` on ``device``; ``cache``: backbone features; ``guidance_norm``: "upsampler" (each
     model gets its own normalisation) or "backbone" (the guidance image gets the backbone's, JAFAR's choice);
+    ``input_norm``: "normalised", or "official_unnormalised" (backbone and upsampler both get [0, 1] images, as the
+    JAFAR depth script feeds them); ``backbone_scale`` / ``feature_grid``: the backbone sees the image at this many
+    times its side / at ``feature_grid`` x its patch size (arbitrary-scale evaluation, the 2x-input baseline);
     ``upsampled_budget_gb``: keep upsampled features of dataset items in memory up to this size."""
 
     def __init__(self, backbone, upsampler, device: torch.device, cache: Optional[FeatureCache] = None,
-                 guidance_norm: str = "upsampler", upsampled_budget_gb: float = 0.0):
+                 guidance_norm: str = "upsampler", upsampled_budget_gb: float = 0.0, input_norm: str = "normalised",
+                 backbone_scale: float = 1.0, feature_grid: Optional[int] = None):
         self.backbone, self.upsampler, self.device = backbone, upsampler, torch.device(device)
         self.cache = cache if cache is not None else FeatureCache(enabled=False)
         if guidance_norm == "upsampler":
@@ -206,17 +214,55 @@ class Pipeline:
             self.guide_mean, self.guide_std = backbone.mean, backbone.std
         else:
             raise UpbenchError(f"unknown guidance_norm '{guidance_norm}'; valid: upsampler, backbone")
+        if input_norm not in INPUT_NORMS:
+            raise UpbenchError(f"unknown task.input_norm '{input_norm}'; valid: {', '.join(INPUT_NORMS)}")
+        self.input_norm = input_norm
+        if float(backbone_scale) <= 0 or (feature_grid is not None and int(feature_grid) < 1):
+            raise UpbenchError("task.backbone_scale must be > 0 and task.feature_grid >= 1")
+        # an upsampler may itself be a backbone-side baseline (input2x: the backbone sees the image at 2x)
+        self.backbone_scale = float(backbone_scale) * float(getattr(upsampler, "backbone_scale", 1.0))
+        self.feature_grid = feature_grid
         self.budget_bytes = float(upsampled_budget_gb) * 2 ** 30
         self._hr: Dict[Tuple[Any, ...], torch.Tensor] = {}
         self.backbone_s: List[float] = []
         self.upsampler_s: List[float] = []
 
     # ------------------------------------------------------------------ normalisation
+    def backbone_side(self, side: int) -> int:
+        """The side (px) the backbone sees for an image of ``side`` px."""
+        if self.feature_grid:
+            return int(self.feature_grid) * int(self.backbone.patch_size)
+        return max(1, int(round(side * self.backbone_scale)))
+
     def backbone_input(self, image01: torch.Tensor) -> torch.Tensor:
-        return normalize(image01.to(self.device), self.backbone.mean, self.backbone.std)
+        x = image01.to(self.device)
+        H, W = x.shape[-2:]
+        if self.feature_grid or self.backbone_scale != 1.0:
+            x = resize(x, (self.backbone_side(H), self.backbone_side(W)), "bilinear", antialias=True)
+        if self.input_norm == "official_unnormalised":
+            return x
+        return normalize(x, self.backbone.mean, self.backbone.std)
 
     def guidance(self, image01: torch.Tensor) -> torch.Tensor:
+        if self.input_norm == "official_unnormalised":
+            return image01.to(self.device)
         return normalize(image01.to(self.device), self.guide_mean, self.guide_std)
+
+    def native_size(self, feature_size: Sequence[int], output_size: Sequence[int]) -> Tuple[int, int]:
+        """The size the upsampler produces by itself on its way to ``output_size`` (see
+        ``Upsampler.native_output_size``)."""
+        fn = getattr(self.upsampler, "native_output_size", None)
+        size = fn(tuple(feature_size), tuple(output_size)) if fn else tuple(output_size)
+        return (int(size[0]), int(size[1]))
+
+    def probe_size(self, feature_size: Sequence[int], output_size: Sequence[int], resize_at: str) -> Tuple[int, int]:
+        """The size a probe reads the features at: ``output_size`` when the adapter resizes the features
+        (``resize_at=features``), else the upsampler's own size (the probe then resizes its logits / labels)."""
+        if resize_at not in RESIZE_AT:
+            raise UpbenchError(f"unknown task.resize_at '{resize_at}'; valid: {', '.join(RESIZE_AT)}")
+        if resize_at == "features" and not getattr(self.upsampler, "always_native", False):
+            return (int(output_size[0]), int(output_size[1]))
+        return self.native_size(feature_size, output_size)
 
     # ------------------------------------------------------------------ backbone side
     def encode(self, image01: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -235,7 +281,8 @@ class Pipeline:
 
         if key is None:
             return tuple(t.detach().cpu() for t in compute())  # type: ignore[return-value]
-        return self.cache.get((self.backbone.identity, *key), compute)
+        setting = (self.input_norm, self.backbone_scale, self.feature_grid)   # what the backbone saw
+        return self.cache.get((self.backbone.identity, setting, *key), compute)
 
     def item_features(self, item: Mapping[str, Any], flip: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Cached features of a dataset item (``{"image", "id", "source"}``), optionally flipped horizontally."""

@@ -28,6 +28,18 @@ def _check_data(task: Any, dataset: Any) -> None:
         raise UpbenchError(f"task={task.registry_name} needs {task.dataset_hint}; '{name}' is a {kind} dataset")
 
 
+def check_protocol(cfg: Dict[str, Any]) -> None:
+    """A preset (``protocol=<name>``) defines settings for some tasks only; running another task under its name would
+    label numbers with a protocol they do not follow."""
+    preset = cfg.get("protocol")
+    if isinstance(preset, dict) and preset.get("name"):
+        tasks = list(preset.get("tasks") or [])
+        if tasks and cfg["task"]["name"] not in tasks:
+            raise UpbenchError(f"protocol={preset['name']} defines {', '.join(tasks)} only, not "
+                               f"task={cfg['task']['name']}; drop the task override or pick another protocol "
+                               "(upbench list shows each preset)")
+
+
 def _seed_and_threads(cfg: Dict[str, Any]) -> torch.device:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -47,6 +59,7 @@ def run_job(cfg_in: Any, log: Callable[[str], None] = print, cache: Optional[Fea
         log(f"[skip] {label}: finished result {store.path(key)} (force=true to redo)")
         return store.read(key)
 
+    check_protocol(cfg)
     device = _seed_and_threads(cfg)
     task = TASKS.get(cfg["task"]["name"])
     log(f"[run] {label}")
@@ -60,7 +73,10 @@ def run_job(cfg_in: Any, log: Callable[[str], None] = print, cache: Optional[Fea
     cache_cfg = task_cfg.get("cache") or {}
     pipe = Pipeline(backbone, upsampler, device, cache if cache is not None else feature_cache(cache_cfg),
                     guidance_norm=task_cfg.get("guidance_norm", "upsampler"),
-                    upsampled_budget_gb=float(cache_cfg.get("upsampled_gb", 0.0) or 0.0))
+                    upsampled_budget_gb=float(cache_cfg.get("upsampled_gb", 0.0) or 0.0),
+                    input_norm=task_cfg.get("input_norm", "normalised"),
+                    backbone_scale=float(task_cfg.get("backbone_scale", 1.0) or 1.0),
+                    feature_grid=task_cfg.get("feature_grid"))
     torch.manual_seed(int(cfg["seed"]))  # again: building (or reusing) models must not shift the task's randomness
     checkpoint = store.checkpoint_path(key)   # long tasks resume from it after a requeue or a re-run
     load_start = results.load_average()
@@ -68,9 +84,10 @@ def run_job(cfg_in: Any, log: Callable[[str], None] = print, cache: Optional[Fea
                        val_set=val_set, device=device, seed=int(cfg["seed"]), log=log, checkpoint=checkpoint,
                        out_dir=store.root / "artefacts" / key))
     timing = {**pipe.timing(), **out.get("timing", {}), "load_start": load_start, "load_end": results.load_average()}
+    data = {**dict(getattr(val_set, "flags", None) or {}), **out.get("data", {})}
     artefacts = {name: os.path.relpath(path, store.root) for name, path in (out.get("artefacts") or {}).items()
                  if path}
-    row = build_row(cfg, key, "ok", metrics=out["metrics"], timing=timing, data=out.get("data", {}),
+    row = build_row(cfg, key, "ok", metrics=out["metrics"], timing=timing, data=data,
                     params={"upsampler": int(upsampler.num_params)}, artefacts=artefacts,
                     versions=results.versions(), device=results.device_info(device), started=started,
                     finished=results.now(), wall_s=time.perf_counter() - t0)

@@ -41,8 +41,9 @@ ATTENDER_OFFSETS: Dict[int, Tuple[Tuple[int, int], ...]] = {
 def attender_offsets(n: int) -> Tuple[Tuple[int, int], ...]:
     try:
         return ATTENDER_OFFSETS[int(n)]
-    except KeyError:
-        raise UpbenchError(f"UPLiFT: unsupported attender size {n} (supported: {sorted(ATTENDER_OFFSETS)})") from None
+    except (KeyError, ValueError, TypeError):
+        raise UpbenchError(f"UPLiFT: unsupported attender size {n!r} (supported: {sorted(ATTENDER_OFFSETS)}, or none "
+                           "for no attender)") from None
 
 
 def attender_padding(n: int) -> int:
@@ -307,3 +308,17 @@ class LocalAttender(nn.Module):
 def _resize_bilinear_aa(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """torchvision ``resize`` (bilinear, antialias on) for float tensors: the official route's final resize."""
     return resize(x, size, "bilinear", antialias=True)
+
+
+class DirectHead(nn.Module):
+    """The "no Local Attender" ablation (UPLiFT Table 7): each step's features are a 1x1 conv of the decoder's guide
+    map (channels -> the features' channels) instead of a convex combination of the low-res neighbours.  The sources
+    we have do not describe the ablation's head; this is the smallest one that gives features of the right shape."""
+
+    def __init__(self, guide_channels: int, out_channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(guide_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, guide: torch.Tensor, fast: bool = False,
+                size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        return self.proj(guide.to(self.proj.weight.dtype)).to(x.dtype)

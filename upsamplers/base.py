@@ -56,6 +56,12 @@ class Upsampler(nn.Module):
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    def native_output_size(self, feature_size: Size, output_size: Size) -> Size:
+        """The size the method itself produces on its way to ``output_size`` before any final resize (FeatUp: 16x the
+        features; LiFT / UPLiFT: the 2^k steps that reach it).  With ``task.resize_at=logits`` a probe reads the
+        features at this size and resizes its logits instead, as the official suites do."""
+        return as_size(output_size)
+
     # ----------------------------------------------------------------- bookkeeping
     @property
     def num_params(self) -> int:

@@ -196,6 +196,9 @@ class FeatUpJBU(Upsampler):
                 stages.append(x)
         return self.fixup_proj(x) * 0.1 + x, stages
 
+    def native_output_size(self, feature_size, output_size):
+        return (16 * int(feature_size[0]), 16 * int(feature_size[1]))   # four 2x JBU stages
+
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Any) -> torch.Tensor:
         size = as_size(output_size)
         image = image.to(features.dtype)

@@ -170,6 +170,10 @@ class LiFT(Upsampler):
             k += 1
         return k
 
+    def native_output_size(self, feature_size, output_size):
+        k = self.doublings(tuple(feature_size), as_size(output_size))
+        return (int(feature_size[0]) << k, int(feature_size[1]) << k)
+
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Any) -> torch.Tensor:
         size = as_size(output_size)
         k = self.doublings(tuple(features.shape[-2:]), size)
@@ -219,6 +223,9 @@ class LiFT2x(LiFT):
 
     official_methods = ()
     iterative = False
+
+    def native_output_size(self, feature_size, output_size):
+        return (2 * int(feature_size[0]), 2 * int(feature_size[1]))
 
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Any) -> torch.Tensor:
         size = as_size(output_size)

@@ -37,8 +37,8 @@ from upbench.dtypes import parse_dtype
 from upbench.errors import UpbenchError
 
 from . import register
-from ._uplift_attend import (ATTENDER_OFFSETS, LocalAttender, _resize_bilinear_aa, attender_offsets,  # noqa: F401
-                             attender_padding, local_attend_fast, local_attend_reference)
+from ._uplift_attend import (ATTENDER_OFFSETS, DirectHead, LocalAttender, _resize_bilinear_aa,  # noqa: F401
+                             attender_offsets, attender_padding, local_attend_fast, local_attend_reference)
 from ._uplift_blocks import (BlockGroup, UPLiFTDecoder, UPLiFTEncoder, _conv, noise_and_combine,  # noqa: F401
                              noise_and_combine_parts, residual_auto)
 from .base import Upsampler, as_size
@@ -111,6 +111,8 @@ class UPLiFT(Upsampler):
       the official code uses 0.5 / 0.5 for non-DINO timm backbones).
     * ``fast``: use the inference path in eval mode (folded BatchNorm, channels-last, no concatenations, a
       row-by-row attender with the output resize folded in; same numbers, see the module docstring).
+    * ``attender``: the Local Attender's neighbourhood (5, 9, 13, 17 or 25; ``none``: no attender, the ablation of
+      UPLiFT Table 7), overriding the config's; for ablations trained from scratch.
     * ``compute_dtype``: opt-in reduced precision for that path, e.g. ``"bfloat16"``: the encoder and decoder
       (convolutions, ~85% of the time) run in it, while the attender's logits, softmax and mix stay in the
       features' precision, as does the output.  ``None`` (default): the parameters' dtype throughout.
@@ -137,7 +139,7 @@ class UPLiFT(Upsampler):
                  config: Union[None, str, os.PathLike, Mapping[str, Any]] = None, iters: Optional[int] = None,
                  low_mem: bool = False, dtype: Any = None, image_mean: Optional[Sequence[float]] = None,
                  image_std: Optional[Sequence[float]] = None, fast: bool = True, compute_dtype: Any = None,
-                 cfg: Any = None, **_: Any):
+                 cfg: Any = None, attender: Any = None, **_: Any):
         super().__init__()
         if config is None:
             config = cfg
@@ -167,7 +169,12 @@ class UPLiFT(Upsampler):
         self.decoder = UPLiFTDecoder(ucfg["decoder"], self.in_channels, self.encoder.widths)
         if self.decoder.factor != self.up_factor:
             raise UpbenchError(f"UPLiFT: decoder upsamples by {self.decoder.factor}, config says up_factor={self.up_factor}")
-        self.attender = LocalAttender(self.decoder.out_channels, int(ucfg.get("attender", 17)), low_mem=self.low_mem)
+        n = ucfg.get("attender", 17) if attender is None else attender
+        if str(n).lower() in ("none", "0"):   # the "no Local Attender" ablation
+            self.attender = DirectHead(self.decoder.out_channels, self.in_channels)
+        else:
+            attender_offsets(n)   # a clear error for an unsupported size
+            self.attender = LocalAttender(self.decoder.out_channels, int(n), low_mem=self.low_mem)
         rcfg = ucfg.get("refiner")
         if rcfg:
             self.ref_con = int(rcfg.get("ref_con", -1))
@@ -197,7 +204,8 @@ class UPLiFT(Upsampler):
         return next(self.parameters()).dtype
 
     def _use_fast(self) -> bool:
-        return self.fast and not self.training
+        # the inference path writes into preallocated tensors: only where nothing needs gradients
+        return self.fast and not self.training and not torch.is_grad_enabled()
 
     # ------------------------------------------------------------------ core
     def _enc_last_stride(self, enc_size: Tuple[int, int], feat_size: Tuple[int, int], iters: int) -> int:
@@ -308,6 +316,11 @@ class UPLiFT(Upsampler):
         """Every step's output (2x, 4x, ...) for ``iters`` steps (default: ``self.iters`` or 1)."""
         h, w = features.shape[-2:]
         return self.run_steps(self.encoder_image(image, (h, w)), features, iters or self.iters or 1)
+
+    def native_output_size(self, feature_size, output_size):
+        h, w = int(feature_size[0]), int(feature_size[1])
+        k = self.steps_for((h, w), as_size(output_size))
+        return (h * self.up_factor ** k, w * self.up_factor ** k)
 
     def forward(self, image: torch.Tensor, features: torch.Tensor, output_size: Any = None) -> torch.Tensor:
         h, w = features.shape[-2:]

@@ -18,7 +18,7 @@ class ADE20K(SegDataset):
     num_classes = 151
     class_names = classes.ADE20K
 
-    def __init__(self, root: str, split: str = "val", img_size: int = 448, **_):
+    def __init__(self, root: str, split: str = "val", img_size: int = 448, label_resize: str = "pil_nearest", **_):
         base = Path(root).expanduser()
         if (base / "ADEChallengeData2016").is_dir():
             base = base / "ADEChallengeData2016"
@@ -30,4 +30,4 @@ class ADE20K(SegDataset):
         if not pairs:
             raise missing_data("ade20k", root, "ADEChallengeData2016/{images,annotations}/{training,validation}/",
                                "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip")
-        super().__init__(pairs, img_size)
+        super().__init__(pairs, img_size, label_resize=label_resize)

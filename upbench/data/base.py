@@ -31,12 +31,27 @@ def short_side_crop_box(h: int, w: int, size: int) -> Tuple[int, int, int, int]:
     return nh, nw, int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
 
 
-def resize_center_crop_label(label: np.ndarray, size: int) -> torch.Tensor:
-    """JAFAR label transform: short side -> ``size`` with NEAREST_EXACT, centre crop; int64 (H, W)."""
-    t = torch.from_numpy(np.ascontiguousarray(label)).to(torch.float32)[None, None]
-    nh, nw, top, left = short_side_crop_box(*t.shape[-2:], size)
-    t = F.interpolate(t, size=(nh, nw), mode="nearest-exact")[0, 0]
-    return t[top:top + size, left:left + size].to(torch.int64)
+LABEL_RESIZE = ("pil_nearest", "nearest_exact")
+
+
+def resize_center_crop_label(label: np.ndarray, size: int, method: str = "pil_nearest") -> torch.Tensor:
+    """The suites' label transform: short side -> ``size``, centre crop ``size``; int64 (H, W).
+
+    ``pil_nearest`` (default): what the official code computes -- torchvision's ``Resize(NEAREST_EXACT)`` on a PIL
+    label is PIL's NEAREST; ``nearest_exact``: ``F.interpolate(mode="nearest-exact")`` on a tensor, which rounds exact
+    ties the other way (a few rows / columns differ)."""
+    label = np.ascontiguousarray(label)
+    nh, nw, top, left = short_side_crop_box(*label.shape[-2:], size)
+    if method == "pil_nearest":
+        mode = "L" if label.dtype == np.uint8 else "I"
+        img = Image.fromarray(label if mode == "L" else label.astype(np.int32), mode=mode)
+        t = torch.from_numpy(np.asarray(img.resize((nw, nh), Image.NEAREST)).astype(np.int64))
+    elif method == "nearest_exact":
+        t = F.interpolate(torch.from_numpy(label).to(torch.float32)[None, None], size=(nh, nw),
+                          mode="nearest-exact")[0, 0].to(torch.int64)
+    else:
+        raise UpbenchError(f"unknown dataset.label_resize '{method}'; valid: {', '.join(LABEL_RESIZE)}")
+    return t[top:top + size, left:left + size].contiguous()
 
 
 class SegDataset(torch.utils.data.Dataset):
@@ -48,10 +63,14 @@ class SegDataset(torch.utils.data.Dataset):
     ignore_index: int = IGNORE
 
     def __init__(self, pairs: Sequence[Tuple[str, str]], img_size: int = 448,
-                 label_map: Optional[np.ndarray] = None):
+                 label_map: Optional[np.ndarray] = None, label_resize: str = "pil_nearest"):
         self.pairs = list(pairs)
         self.img_size = img_size
         self.label_map = label_map
+        if label_resize not in LABEL_RESIZE:
+            raise UpbenchError(f"unknown dataset.label_resize '{label_resize}'; valid: {', '.join(LABEL_RESIZE)}")
+        self.label_resize = label_resize
+        self.flags: Dict[str, object] = {"label_resize": label_resize}
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -69,7 +88,7 @@ class SegDataset(torch.utils.data.Dataset):
             label = self.label_map[label]
         with Image.open(img_path) as img:
             image = resize_center_crop_image(img, self.img_size)
-        return {"image": image, "label": resize_center_crop_label(label, self.img_size),
+        return {"image": image, "label": resize_center_crop_label(label, self.img_size, self.label_resize),
                 "id": Path(img_path).stem}
 
 

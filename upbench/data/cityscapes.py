@@ -25,7 +25,7 @@ class Cityscapes(SegDataset):
     num_classes = 19
     class_names = classes.CITYSCAPES
 
-    def __init__(self, root: str, split: str = "val", img_size: int = 448, **_):
+    def __init__(self, root: str, split: str = "val", img_size: int = 448, label_resize: str = "pil_nearest", **_):
         base = Path(root).expanduser()
         pairs = []
         for img in sorted((base / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")):
@@ -38,7 +38,7 @@ class Cityscapes(SegDataset):
         if not pairs:
             raise missing_data("cityscapes", root, "leftImg8bit/<split>/<city>/*_leftImg8bit.png + "
                                "gtFine/<split>/<city>/*_gtFine_labelIds.png", "https://www.cityscapes-dataset.com")
-        super().__init__(pairs, img_size)
+        super().__init__(pairs, img_size, label_resize=label_resize)
 
     def read_label(self, path: str) -> np.ndarray:
         arr = super().read_label(path)

@@ -1,9 +1,15 @@
 """COCO-Stuff-27: the 182 fine COCO-Stuff ids mapped to 27 coarse classes (12 thing + 15 stuff supercategories,
 the ordering of the IIC / STEGO curated benchmark used by the JAFAR suite); 255 = unlabeled.
 
-Layouts: ``coco_stuff164k/{images,annotations}/{train2017,val2017}/`` (mmseg; raw ``<id>.png`` fine maps, or
-``<id>_labelTrainIds.png`` 171-class maps), ``stuffthingmaps_trainval2017/<split>/`` beside ``<split>/`` images,
-or a flat ``images/`` + ``stuffthingmaps/``. ``image_list`` restricts to a curated id list (one id per line)."""
+Layouts: the STEGO / JAFAR one (``curated/{train2017,val2017}/Coco164kFull_Stuff_Coarse.txt`` +
+``dataset/{images,annotations}/<split>2017/``), ``coco_stuff164k/{images,annotations}/{train2017,val2017}/`` (mmseg;
+raw ``<id>.png`` fine maps, or ``<id>_labelTrainIds.png`` 171-class maps), ``stuffthingmaps_trainval2017/<split>/``
+beside ``<split>/`` images, or a flat ``images/`` + ``stuffthingmaps/``.
+
+``image_list``: ``auto`` (default) reads the curated list of the published benchmark
+(``curated/<split>2017/Coco164kFull_Stuff_Coarse.txt``, the IIC / STEGO list the JAFAR suite evaluates on) when the
+folder has one and otherwise takes every image -- rows record which (``image_list: curated | all``), since numbers on
+all images are not comparable with the papers'; ``all`` takes every image; a path restricts to that id list."""
 from pathlib import Path
 from typing import Optional
 
@@ -36,8 +42,20 @@ FINE_TO_COARSE[: len(_FINE_TO_COARSE)] = _FINE_TO_COARSE
 TRAIN171_TO_COARSE = np.full(256, IGNORE, dtype=np.int64)
 TRAIN171_TO_COARSE[:171] = [c for c in _FINE_TO_COARSE if c != IGNORE]
 
-LAYOUT = ("coco_stuff164k/{images,annotations}/{train2017,val2017}/ (annotations: stuffthingmaps <id>.png), "
+LAYOUT = ("curated/<split>2017/Coco164kFull_Stuff_Coarse.txt + dataset/{images,annotations}/<split>2017/ (STEGO), "
+          "coco_stuff164k/{images,annotations}/{train2017,val2017}/ (annotations: stuffthingmaps <id>.png), "
           "or images/ + stuffthingmaps/")
+CURATED = "Coco164kFull_Stuff_Coarse.txt"
+
+
+def curated_list(base: Path, split: str) -> Optional[Path]:
+    """The curated id list of the STEGO / JAFAR layout for ``split``, if the folder has one."""
+    sub = f"{split}2017" if split in ("train", "val") else split
+    for root in (base, base.parent):
+        path = root / "curated" / sub / CURATED
+        if path.is_file():
+            return path
+    return None
 
 
 @DATASETS.register("cocostuff")
@@ -47,12 +65,14 @@ class CocoStuff27(SegDataset):
     num_classes = 27
 
     def __init__(self, root: str, split: str = "val", img_size: int = 448,
-                 image_list: Optional[str] = None, **_):
+                 image_list: Optional[str] = "auto", label_resize: str = "pil_nearest", **_):
         base = Path(root).expanduser()
+        curated = curated_list(base, split) if image_list in (None, "auto") else None
         if (base / "coco_stuff164k").is_dir():
             base = base / "coco_stuff164k"
         sub = f"{split}2017" if split in ("train", "val") else split
         candidates = [
+            (base / "dataset" / "images" / sub, base / "dataset" / "annotations" / sub),   # STEGO / JAFAR
             (base / "images" / sub, base / "annotations" / sub),
             (base / sub, base / "stuffthingmaps_trainval2017" / sub),
             (base / "images", base / "stuffthingmaps"),
@@ -64,13 +84,19 @@ class CocoStuff27(SegDataset):
                 pair_by_stem(images, ann_dir, lambda s: f"{s}_labelTrainIds.png")
             if pairs:
                 break
-        keep = read_id_list(image_list)
+        if curated is not None:
+            keep, kind = read_id_list(str(curated)), "curated"
+        elif image_list not in (None, "auto", "all"):
+            keep, kind = read_id_list(image_list), f"list {Path(str(image_list)).name}"
+        else:
+            keep, kind = None, "all"
         if keep is not None:
             pairs = [p for p in pairs if Path(p[0]).stem in keep]
         if not pairs:
             raise missing_data("cocostuff", root, LAYOUT,
                                "https://github.com/nightrome/cocostuff (images + stuffthingmaps_trainval2017.zip)")
-        super().__init__(pairs, img_size)
+        super().__init__(pairs, img_size, label_resize=label_resize)
+        self.flags["image_list"] = kind
 
     def read_label(self, path: str) -> np.ndarray:
         arr = super().read_label(path)

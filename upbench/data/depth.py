@@ -175,35 +175,84 @@ def _inverse_disparity(disp: np.ndarray) -> np.ndarray:
     return out
 
 
+PSEUDO_PROTOCOLS = ("full_image", "jafar")
+
+
 @DATASETS.register("coco_depth")
 class CocoPseudoDepth(DepthDataset):
     """COCO images with pseudo ground truth from Depth-Anything-V2-Small (the JAFAR depth protocol), computed once
     with ``transformers`` and cached as ``.npy`` under ``cache_dir``.  The model's output is relative and
-    disparity-like (larger = nearer), used as is, as in the JAFAR suite, and resized bilinearly."""
+    disparity-like (larger = nearer), used as is, as in the JAFAR suite.
+
+    ``pseudo_protocol``: ``full_image`` runs the model on the whole image and resizes / crops its map like the image
+    (bilinear); ``jafar`` runs it as the JAFAR script does, on the probe's own input -- the centre crop at ``img_size``
+    (and separately on its horizontal flip, the map a flipped training item uses), scaled to 0-255 and truncated
+    to uint8 -- and resizes its output bilinearly to the crop.  Images: ``<split>2017/`` (or ``images/``), or the
+    STEGO / JAFAR layout with its curated list (``dataset/images/<split>2017`` + ``curated/...``)."""
 
     name = "coco_depth"
     gt_resize = "bilinear"
     MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 
     def __init__(self, root: str, split: str = "val", img_size: int = 448, cache_dir: Optional[str] = None,
-                 image_list: Optional[str] = None, pseudo_model: Optional[str] = None, **_):
+                 image_list: Optional[str] = "auto", pseudo_model: Optional[str] = None,
+                 pseudo_protocol: str = "full_image", **_):
+        from .base import read_id_list
+        from .cocostuff import curated_list
+
+        if pseudo_protocol not in PSEUDO_PROTOCOLS:
+            raise UpbenchError(f"unknown dataset.pseudo_protocol '{pseudo_protocol}'; valid: "
+                               f"{', '.join(PSEUDO_PROTOCOLS)}")
+        self.pseudo_protocol = pseudo_protocol
         base = Path(os.path.expanduser(str(root)))
         self.model = pseudo_model or self.MODEL
-        found = (list_images(base / d, recursive=True) for d in (f"{split}2017", split, "images", "."))
+        dirs = (f"dataset/images/{split}2017", f"{split}2017", split, "images", ".")
+        found = (list_images(base / d, recursive=True) for d in dirs)
         images = next((imgs for imgs in found if imgs), [])
-        if image_list:
-            from .base import read_id_list
-
+        curated = curated_list(base, split) if image_list in (None, "auto") else None
+        if curated is not None:
+            images, kind = [p for p in images if p.stem in read_id_list(str(curated))], "curated"
+        elif image_list not in (None, "auto", "all"):
             keep = read_id_list(image_list)
-            images = [p for p in images if p.stem in keep]
+            images, kind = [p for p in images if p.stem in keep], f"list {Path(str(image_list)).name}"
+        else:
+            kind = "all"
         if not images:
             raise missing_data("coco_depth", str(root), f"{split}2017/*.jpg (or images/*.jpg)", "cocodataset.org")
         # maps from another model must never be mixed with the default model's cache
         default_cache = base / ("depth_anything_v2_small" if self.model == self.MODEL else
                                 "pseudo_depth_" + "".join(c if c.isalnum() else "_" for c in self.model))
         cache = Path(os.path.expanduser(str(cache_dir or default_cache)))
+        self.cache = cache
         items = [(str(p), lambda p=p: self._pseudo(p, cache)) for p in images]
         super().__init__(items, img_size)
+        self.flags = {"image_list": kind, "pseudo_protocol": pseudo_protocol}
+
+    def __getitem__(self, i: int) -> Dict[str, object]:
+        if self.pseudo_protocol == "full_image":
+            return super().__getitem__(i)
+        img_path, _ = self.items[i]
+        with Image.open(img_path) as img:
+            image = resize_center_crop_image(img, self.img_size)
+        stem = Path(img_path).stem
+        return {"image": image, "id": stem, "depth": self._pseudo_crop(image, stem, False),
+                "depth_flip": self._pseudo_crop(image.flip(-1), stem, True)}
+
+    def _pseudo_crop(self, image01: torch.Tensor, stem: str, flipped: bool) -> torch.Tensor:
+        """The JAFAR script's pseudo depth of a probe input (3, S, S) in [0, 1]: x255 truncated to uint8, the model,
+        its output resized bilinearly (align_corners=False) to S x S."""
+        path = self.cache / f"jafar_{self.img_size}" / f"{stem}{'_flip' if flipped else ''}.npy"
+        if not path.exists():
+            model, processor = _depth_anything(self.model)
+            pixels = (255 * image01.permute(1, 2, 0).numpy()).astype(np.uint8)   # truncation, as the script does
+            with torch.inference_mode():
+                pred = model(**processor(images=pixels, return_tensors="pt")).predicted_depth
+            pred = F.interpolate(pred[:, None], size=tuple(image01.shape[-2:]), mode="bilinear",
+                                 align_corners=False)[0, 0]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, pred.numpy().astype(np.float32))
+        return torch.from_numpy(np.load(path))
 
     def _pseudo(self, image: Path, cache: Path) -> np.ndarray:
         path = cache / (image.stem + ".npy")

@@ -19,7 +19,7 @@ class VOC(SegDataset):
     num_classes = 21
     class_names = classes.VOC
 
-    def __init__(self, root: str, split: str = "val", img_size: int = 448, **_):
+    def __init__(self, root: str, split: str = "val", img_size: int = 448, label_resize: str = "pil_nearest", **_):
         base = Path(root).expanduser()
         for cand in (base, base / "VOC2012", base / "VOCdevkit" / "VOC2012"):
             if (cand / "JPEGImages").is_dir():
@@ -34,4 +34,4 @@ class VOC(SegDataset):
         if not pairs:
             raise missing_data("voc", root, LAYOUT, "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ "
                                "(torchvision.datasets.VOCSegmentation(download=True) also works)")
-        super().__init__(pairs, img_size)
+        super().__init__(pairs, img_size, label_resize=label_resize)

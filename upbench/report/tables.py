@@ -137,6 +137,16 @@ def describe(setting: Mapping[str, Any], keys: Sequence[str]) -> str:
     return ", ".join(f"{k}={_short(setting.get(k))}" for k in keys)
 
 
+def _image_list(rec: Mapping[str, Any]) -> str:
+    """``curated`` / ``all`` / ``list <file>``: which images of a set with a published list the run used (COCO)."""
+    kind = rec.get("data.image_list")
+    return str(kind) if kind else ""
+
+
+def _column_key(rec: Mapping[str, Any]) -> Tuple[str, str, str]:
+    return (rec["dataset"], json.dumps(dataset_setup(rec), sort_keys=True, default=str), _image_list(rec))
+
+
 def _stats(values: Iterable[Any]) -> Tuple[Optional[float], Optional[float], int]:
     """(mean, sample standard deviation or None, n) of the numbers among ``values``."""
     nums = [n for n in (_number(v) for v in values) if n is not None]
@@ -186,9 +196,9 @@ def _one_table(task: str, spec: TableSpec, gkey: Tuple[Any, ...], grp: List[Dict
         for r in grp:
             if r["dataset"] == d:
                 label = DATASET_LABELS.get(d, d)
-                extra = describe(dataset_setup(r), ds_keys[d])
-                columns_of[(d, json.dumps(dataset_setup(r), sort_keys=True, default=str))] = \
-                    f"{label} ({extra})" if extra else label
+                extra = ", ".join(x for x in (describe(dataset_setup(r), ds_keys[d]),
+                                              _image_list(r)) if x)
+                columns_of[_column_key(r)] = f"{label} ({extra})" if extra else label
     ds_groups = list(dict.fromkeys(columns_of.values()))
     cols: List[Column] = [PARAMS, TIME] + [(g, m.label) for g in ds_groups for m in spec.metrics] + [WEIGHTS]
     if any(r.get("note") for r in grp):
@@ -196,16 +206,17 @@ def _one_table(task: str, spec: TableSpec, gkey: Tuple[Any, ...], grp: List[Dict
     better = {TIME: "min", **{(g, m.label): m.better for g in ds_groups for m in spec.metrics}}
     formats = {PARAMS: "{:.2f}", TIME: "{:.1f}", **{(g, m.label): m.fmt for g in ds_groups for m in spec.metrics}}
     names = [spec.group_labels.get(k, k.split(".")[-1]) for k in spec.group_by]
-    title = spec.title + " - " + ", ".join(f"{n} {v}" for n, v in zip(names, gkey))
+    title = spec.title + " - " + ", ".join(f"{n} {v}" for n, v in zip(names, gkey) if v is not None)
     if split:
-        title += " [" + describe(protocol, split) + "]"
+        shown = [k for k in split if k == "protocol.name"] or split   # a preset's name says the rest
+        title += " [" + describe(protocol, shown) + "]"
     table = Table(title, cols, better=better, formats=formats, key=gkey + tuple(protocol.get(k) for k in split))
     if split:
         table.notes.append("tables of this group are split by " + ", ".join(split) + " (a cell never averages runs "
                            "with different settings)")
 
     def column_group(r: Dict[str, Any]) -> str:
-        return columns_of[(r["dataset"], json.dumps(dataset_setup(r), sort_keys=True, default=str))]
+        return columns_of[_column_key(r)]
 
     by_row: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
     for r in grp:
