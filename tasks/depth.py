@@ -5,17 +5,18 @@ averaged over the validation images."""
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from upbench.errors import UpbenchError
+from upbench.errors import RunFailed, UpbenchError
+from upbench.progress import bar
 from upbench.protocols import Job, Metric, Pipeline, TableSpec, Task
 
 from . import register
-from ._probe import load_head, resize_prediction, save_head, train_probe
+from ._probe import check_probe_cfg, load_head, resize_prediction, save_head, train_probe
 
 MIN_DEPTH, MAX_DEPTH = 1e-3, 10.0
 METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "log_rmse", "log10", "silog")
@@ -145,6 +146,7 @@ def head_input(pipe: Pipeline, item: Dict[str, Any], flip: bool, size, use_cls: 
 @register("depth")
 class DepthProbe(Task):
     dataset_kinds = ("depth",)
+    fits_train_split = True
     dataset_hint = "a depth dataset (nyuv2, coco_depth, depth_folder, middlebury, demo_depth)"
     table = TableSpec(
         title="Depth linear probes",
@@ -157,6 +159,18 @@ class DepthProbe(Task):
         paper_metrics={"d1": "delta1"},
         position=20,
     )
+
+    def preflight(self, cfg: Mapping[str, Any]) -> None:
+        probe = cfg["task"]["probe"]
+        check_probe_cfg(probe)
+        lo, hi, bins = probe.get("min_depth"), probe.get("max_depth"), probe.get("bins")
+        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < lo < hi and math.isfinite(hi)):
+            raise UpbenchError(f"task.probe.min_depth={lo} / max_depth={hi}: expected 0 < min_depth < max_depth")
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+            raise UpbenchError(f"task.probe.bins={bins}: expected an integer >= 2")
+        grad_loss_fn(probe.get("grad_loss", "probe3d"))
+        if probe.get("empty_gt", "skip") not in ("skip", "nan"):
+            raise UpbenchError(f"unknown task.probe.empty_gt '{probe.get('empty_gt')}'; valid: skip, nan")
 
     def run(self, job: Job) -> Dict[str, Any]:
         pipe, device, train_set, val_set = job.pipe, job.device, job.train_set, job.val_set
@@ -181,34 +195,36 @@ class DepthProbe(Task):
             x = torch.stack([head_input(pipe, it, f, size, use_cls) for it, f in zip(items, flips)]).to(device)
             gt = torch.stack([target(it, f) for it, f in zip(items, flips)])[:, None]
             gt = gt.to(device)
-            pred = resize_prediction(head(x), gt.shape[-2:])
+            pred = resize_prediction(head(x).float(), gt.shape[-2:])   # the loss in float32 under any compute_dtype
             mask = valid_mask(gt, max_depth)
             return sig_loss(pred, gt, mask, warmup=step < warmup_iters) + grad_w * grad_loss(pred, gt, mask)
 
         epoch_s, losses = train_probe(train_set, probe_cfg, head.parameters(), job.seed, batch_loss, job.log,
-                                      checkpoint=job.checkpoint)
+                                      checkpoint=job.checkpoint, autocast=pipe.autocast)
 
         per_image: List[Dict[str, float]] = []
         with torch.inference_mode():
-            for i in range(len(val_set)):
+            for i in bar(range(len(val_set)), desc="evaluate"):
                 item = val_set[i]
                 x = head_input(pipe, item, False, size, use_cls)[None].to(device)
                 gt = item["depth"].to(device)
-                pred = resize_prediction(head(x), gt.shape[-2:])
+                with pipe.autocast():
+                    pred = resize_prediction(head(x).float(), gt.shape[-2:])
                 m = depth_metrics(pred[0, 0], gt, float(probe_cfg["min_depth"]), max_depth)
                 if m is not None:
                     per_image.append(m)
                 elif empty_gt == "nan":   # the official code averages the NaN of such an image in
-                    raise UpbenchError(f"depth: validation image {item['id']} has no ground truth inside "
+                    raise RunFailed(f"depth: validation image {item['id']} has no ground truth inside "
                                        "(min_depth, max_depth); with task.probe.empty_gt=nan the official average is "
                                        "NaN, so there is no result (task.probe.empty_gt=skip leaves it out)")
         if not per_image:
-            raise UpbenchError("depth: no validation image has ground truth inside (min_depth, max_depth)")
+            raise RunFailed("depth: no validation image has ground truth inside (min_depth, max_depth)")
         metrics: Dict[str, Any] = {k: sum(m[k] for m in per_image) / len(per_image) for k in METRICS}
         metrics["final_train_loss"] = losses[-1] if losses else None
         return {
             "metrics": metrics,
             "timing": {"probe_epoch_s": sum(epoch_s) / max(1, len(epoch_s)), "probe_epochs_s": epoch_s},
+            "note": losses.note(probe_cfg["lr"]),
             "data": {"n_train": len(train_set), "n_val": len(val_set), "n_val_scored": len(per_image),
                      "img_size": train_set.img_size, "probe_size": list(size), "feature_grid": list(grid),
                      "head_input": "features+cls" if use_cls else "features",

@@ -9,6 +9,7 @@ from typing import Any, Dict
 import torch
 
 from upbench import image_metrics
+from upbench.progress import bar
 from upbench.errors import UpbenchError
 from upbench.protocols import Job, Metric, Pipeline, TableSpec, Task
 from upbench.transforms import resize
@@ -53,7 +54,7 @@ class LatentSuperResolution(Task):
                                f"got '{pipe.backbone.name}'")
         factor = int(cfg["factor"])
         sr, hr = [], []
-        for i in range(len(val_set)):
+        for i in bar(range(len(val_set)), desc="images"):
             image = val_set[i]["image"][None].to(job.device)
             out = super_resolve(pipe, downsample(image, factor), factor, bool(cfg["color_correction"]))
             if out.shape != image.shape:

@@ -2,21 +2,26 @@
 ``Conv2d(C, K, 1)`` probe trained with AdamW, CE ignoring 255; pixel accuracy (micro) and mIoU (macro)."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from upbench.errors import RunFailed, UpbenchError
+from upbench.progress import bar
 from upbench.protocols import Job, Metric, TableSpec, Task
 
 from . import register
-from ._probe import load_head, resize_labels, resize_prediction, save_head, train_probe
+from ._probe import check_probe_cfg, load_head, resize_labels, resize_prediction, save_head, train_probe
+
+RESIZE_AT = ("features", "logits", "labels")
 
 
 @register("seg")
 class SegProbe(Task):
     dataset_kinds = ("seg",)
+    fits_train_split = True
     dataset_hint = "a segmentation dataset (voc, ade20k, cityscapes, cocostuff, demo)"
     table = TableSpec(
         title="Segmentation linear probes",
@@ -26,6 +31,11 @@ class SegProbe(Task):
         paper={"dinov2_s14": "table1", "dinov3_splus16": "table8"},
         position=10,
     )
+
+    def preflight(self, cfg: Mapping[str, Any]) -> None:
+        check_probe_cfg(cfg["task"]["probe"])
+        if cfg["task"].get("resize_at", "features") not in RESIZE_AT:
+            raise UpbenchError(f"unknown task.resize_at '{cfg['task'].get('resize_at')}'; valid: {', '.join(RESIZE_AT)}")
 
     def run(self, job: Job) -> Dict[str, Any]:
         from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
@@ -49,14 +59,14 @@ class SegProbe(Task):
             return F.cross_entropy(logits, labels.to(device), ignore_index=ignore)
 
         epoch_s, losses = train_probe(train_set, probe_cfg, probe.parameters(), job.seed, batch_loss, job.log,
-                                      checkpoint=job.checkpoint)
+                                      checkpoint=job.checkpoint, autocast=pipe.autocast)
 
         miou = MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=ignore).to(device)
         per_class = MulticlassJaccardIndex(num_classes=num_classes, average="none", ignore_index=ignore).to(device)
         acc = MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=ignore).to(device)
         support = torch.zeros(num_classes, dtype=torch.long)
-        with torch.inference_mode():
-            for i in range(len(val_set)):
+        with torch.inference_mode(), pipe.autocast():
+            for i in bar(range(len(val_set)), desc="evaluate"):
                 item = val_set[i]
                 feats = pipe.item_upsampled(item, False, size)[None].to(device)
                 label = item["label"][None].to(device)
@@ -68,6 +78,9 @@ class SegProbe(Task):
                     metric.update(pred, label)
                 valid = item["label"][item["label"] != ignore]
                 support += torch.bincount(valid.flatten(), minlength=num_classes)[:num_classes]
+        if int(support.sum()) == 0:   # nothing to score: no mIoU, not a 0 (or NaN) one
+            raise RunFailed(f"{getattr(val_set, 'name', 'the dataset')}: the validation labels have no labelled pixel "
+                            "(all ignore); check the label files and dataset.val_split")
         ious = per_class.compute().float().cpu() * 100
         names = list(getattr(train_set, "class_names", ()) or [str(k) for k in range(num_classes)])
         return {
@@ -76,6 +89,7 @@ class SegProbe(Task):
                         # classes with no pixel in the validation labels have no IoU (None), not 0
                         "per_class_iou": [float(v) if n > 0 else None for v, n in zip(ious.tolist(), support.tolist())]},
             "timing": {"probe_epoch_s": sum(epoch_s) / max(1, len(epoch_s)), "probe_epochs_s": epoch_s},
+            "note": losses.note(probe_cfg["lr"]),
             "data": {"n_train": len(train_set), "n_val": len(val_set), "img_size": train_set.img_size,
                      "probe_size": list(size), "feature_grid": list(grid),
                      "num_classes": num_classes, "class_names": names,

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 
 from upbench import hub, image_metrics
+from upbench.progress import bar
 from upbench.dtypes import parse_dtype
 from upbench.errors import UpbenchError
 from upbench.protocols import Job, Metric, TableSpec, Task
@@ -101,7 +102,7 @@ class TextToImageUpscale(Task):
         clip_base: List[float] = []
         gen_s: List[float] = []
         dec_s: List[float] = []
-        for start in range(0, len(val_set), bs):
+        for start in bar(range(0, len(val_set), bs), desc="prompts"):
             items = [val_set[i] for i in range(start, min(start + bs, len(val_set)))]
             prompts = [it["prompt"] for it in items]
             with torch.inference_mode():

@@ -16,8 +16,9 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import torch
 from torch.nn import functional as F
 
-from upbench.errors import UpbenchError
+from upbench.errors import RunFailed, UpbenchError
 from upbench.files import atomic_write
+from upbench.progress import bar as progress_bar
 from upbench.protocols import Job, Task
 from upbench.results import HASH_EXCLUDE, config_hash, train_weights_path
 from upbench.transforms import resize
@@ -74,10 +75,14 @@ def save_state(path: Path, model, optim, meta: Dict[str, Any]) -> None:
 def load_state(path: Path, model, optim) -> Dict[str, Any]:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
-        meta = {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except Exception as exc:  # noqa: BLE001  (truncated, not safetensors, another model's state)
+        raise UpbenchError(f"cannot resume from {path} ({type(exc).__name__}): not a training state of this model; "
+                           "delete it, or start afresh with train.resume=false") from None
     opt_sd = optim.state_dict()
     state: Dict[int, Dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
@@ -104,6 +109,23 @@ class MultiDepthTraining(Task):
     makes_rows = False
     dataset_kinds = ("train_images",)
     dataset_hint = "training images (data.root=<image folder> or builtin:skimage)"
+
+    def preflight(self, cfg: Dict[str, Any]) -> None:
+        t = cfg["train"]
+        lr = t.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise UpbenchError(f"train.lr={lr}: expected a positive finite learning rate (e.g. train.lr=1e-3)")
+        for key in ("batch_size", "epochs", "save_every"):
+            v = t.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UpbenchError(f"train.{key}={v}: expected a positive integer")
+        if t.get("max_steps") is not None and (not isinstance(t["max_steps"], int) or t["max_steps"] < 1):
+            raise UpbenchError(f"train.max_steps={t['max_steps']}: expected a positive integer or null")
+        depths = t.get("depths")
+        if not isinstance(depths, list) or not depths or not all(isinstance(d, int) and d >= 1 for d in depths):
+            raise UpbenchError(f"train.depths={depths}: expected a non-empty list of positive integers, e.g. [1,2,3]")
+        if t.get("loss") not in ("l2", "l1", "cosine"):
+            raise UpbenchError(f"unknown train.loss '{t.get('loss')}'; valid: l2, l1, cosine")
 
     def run(self, job: Job) -> Dict[str, Any]:
         cfg, pipe, device, log, data = job.full_cfg, job.pipe, job.device, job.log, job.train_set
@@ -144,32 +166,35 @@ class MultiDepthTraining(Task):
             feats = [pipe.features(im[0], key=(source, index, s))[0][None] for im, s in zip(images, sizes)]
             return images, feats
 
-        bar = None
-        if job.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+        bar = progress_bar(total=total_steps, initial=step, desc="train", show=None if job.progress else False)
         t0 = time.perf_counter()
-        while step < total_steps:
-            epoch, pos = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(job.seed * 100003 + epoch))
-            idx = order[pos * bs:(pos + 1) * bs].tolist()
-            pairs = [pyramid(i) for i in idx]
-            images = [torch.cat([p[0][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
-            feats = [torch.cat([p[1][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
-            loss, per_depth = multi_depth_loss(model, images, feats, depths, tcfg["loss"], pipe.guidance,
-                                               float(tcfg.get("latent_noise") or 0.0))
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            step += 1
-            history.append({"step": step, "loss": loss.item(), **{f"d{d}": v for d, v in per_depth.items()}})
-            if bar is not None:
+        try:
+            while step < total_steps:
+                epoch, pos = divmod(step, steps_per_epoch)
+                order = torch.randperm(len(data), generator=torch.Generator().manual_seed(job.seed * 100003 + epoch))
+                idx = order[pos * bs:(pos + 1) * bs].tolist()
+                pairs = [pyramid(i) for i in idx]
+                images = [torch.cat([p[0][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
+                feats = [torch.cat([p[1][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
+                loss, per_depth = multi_depth_loss(model, images, feats, depths, tcfg["loss"], pipe.guidance,
+                                                   float(tcfg.get("latent_noise") or 0.0))
+                if not math.isfinite(loss.item()):   # no weights from a diverged run (the last checkpoint stays)
+                    raise RunFailed(f"training diverged: the loss became {loss.item()} at step {step + 1} with "
+                                    f"train.lr={tcfg['lr']}; lower train.lr")
+                first = history[0]["loss"] if history else loss.item()
+                if loss.item() > 1e3 * max(first, 1e-12) and step > 0:
+                    raise RunFailed(f"training diverged: the loss grew from {first:.3g} to {loss.item():.3g} by step "
+                                    f"{step + 1} with train.lr={tcfg['lr']}; lower train.lr")
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                optim.step()
+                step += 1
+                history.append({"step": step, "loss": loss.item(), **{f"d{d}": v for d, v in per_depth.items()}})
                 bar.set_postfix({f"d{d}": f"{v:.4f}" for d, v in per_depth.items()})
                 bar.update(1)
-            if step % int(tcfg["save_every"]) == 0 or step == total_steps:
-                save_state(state_path, model, optim, {"step": step, "config_hash": ident, "history": history})
-        if bar is not None:
+                if step % int(tcfg["save_every"]) == 0 or step == total_steps:
+                    save_state(state_path, model, optim, {"step": step, "config_hash": ident, "history": history})
+        finally:   # a failure prints its message on a clean line
             bar.close()
         model.eval()
         final = train_weights_path(cfg)

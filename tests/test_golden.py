@@ -7,6 +7,7 @@ import pytest
 
 from upbench import upsamplers
 from upbench.errors import UpbenchError
+from upbench.upsamplers.base import kernel_path
 from conftest import GOLDEN
 
 CASES = sorted(GOLDEN.glob("*.pt")) if GOLDEN.is_dir() else []
@@ -14,7 +15,9 @@ CASES = sorted(GOLDEN.glob("*.pt")) if GOLDEN.is_dir() else []
 
 @pytest.mark.skipif(not CASES, reason=f"no golden cases found in {GOLDEN}")
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
-def test_golden_case(path):
+@pytest.mark.parametrize("kernels", ["auto", "device"])
+def test_golden_case(path, kernels):
+    """``kernels=device``: the accelerator path (fixed launch counts, no host work), forced on the CPU."""
     case = torch.load(path, weights_only=True)
     try:
         cls = upsamplers.for_official_method(case["method"])
@@ -23,7 +26,7 @@ def test_golden_case(path):
     model = cls.from_official(case["method"], case["constructor"])
     model.load_official_state_dict(case["state_dict"], what=f"golden {path.name}", strict=True)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), kernel_path(kernels):
         got = model.run_official(case["method"], case["inputs"], case["constructor"])
     assert set(case["expected"]) <= set(got), f"missing outputs {set(case['expected']) - set(got)}"
     for name, ref in case["expected"].items():

@@ -1,6 +1,6 @@
 """The layering the core is built on, checked by parsing every import (module-level and function-local):
 
-  L3  upbench.cli, upbench.__main__, hydra_plugins.upbench_launcher   (thin; import lazily)
+  L3  upbench.cli, completion, __main__, hydra_plugins.upbench_launcher   (thin; import lazily)
   L2  upbench.pipeline, runner, scaling, demo, report, jobs, viz      (reach plugins only through registries)
   L1  upbench.upsamplers / tasks / backbones / data                   (plugins; import L0 and their own family)
   L0  everything else in upbench: errors, registry, protocols, schema, results, files, cache, ...
@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"upbench": ROOT / "upbench", "upbench.upsamplers": ROOT / "upsamplers", "upbench.tasks": ROOT / "tasks",
            "hydra_plugins.upbench_launcher": ROOT / "hydra_plugins" / "upbench_launcher"}
-L3 = ("upbench.cli", "upbench.__main__", "hydra_plugins.upbench_launcher")
+L3 = ("upbench.cli", "upbench.completion", "upbench.__main__", "hydra_plugins.upbench_launcher")
 L2 = ("upbench.pipeline", "upbench.runner", "upbench.scaling", "upbench.demo", "upbench.report", "upbench.jobs",
       "upbench.viz")
 L1 = ("upbench.upsamplers", "upbench.tasks", "upbench.backbones", "upbench.data")

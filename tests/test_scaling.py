@@ -138,7 +138,7 @@ def test_time_limit_measures_once(tmp_path):
 
 
 def test_worker_crash_is_an_error_row_not_a_crash(tmp_path):
-    s = scaling.resolve(sweep_cfg(tmp_path, "sizes=[64]", "upsamplers=[uplift]", "+kwargs.uplift.config=nonexistent"))
+    s = scaling.resolve(sweep_cfg(tmp_path, "sizes=[64]", "upsamplers=[uplift]", "+kwargs.uplift.arch=nonexistent"))
     pcfg = scaling.point_config(s, "uplift", 64, scaling.device_label(s["device"]))
     row = scaling.measure_point(pcfg, "k", "local", s)
     assert row["status"] == "error" and "nonexistent" in row["error"]
@@ -160,7 +160,7 @@ def test_forked_workers_report_like_new_processes(tmp_path):
         oom = scaling.measure_point(scaling.point_config(capped, "bilinear", 512, dev), "k", "interpolation", capped,
                                     server)
         assert oom["status"] == "oom" and oom["timing"]["worker"] == "fork"
-        crash = dict(s, kwargs={"uplift": {"config": "nonexistent"}})
+        crash = dict(s, kwargs={"uplift": {"arch": "nonexistent"}})
         err = scaling.measure_point(scaling.point_config(crash, "uplift", 64, dev), "k", "local", crash, server)
         assert err["status"] == "error" and "nonexistent" in err["error"]
         slow = dict(s, worker_timeout_s=0.05)

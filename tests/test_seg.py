@@ -107,7 +107,7 @@ def test_split_slices_partition_one_folder(tmp_path):
                                  "img_size": 32, "num_images": 8})
     assert (len(train), len(val)) == (5, 3)
     assert val[0]["id"] == "demo_val_0005" and train.num_classes == 6 and val.img_size == 32
-    with pytest.raises(UpbenchError, match="bad split"):
+    with pytest.raises(UpbenchError, match=r"train_split=val\[a:b\]: use name or name\[start:stop\]"):
         build_datasets({"name": "demo", "train_split": "val[a:b]", "img_size": 32})
 
 

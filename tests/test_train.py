@@ -126,7 +126,7 @@ def test_uplift_vae_trains_on_taef2_latents(tmp_path):
     out = tmp_path / "vae"
     env = {**os.environ, "UPBENCH_RESULTS": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "upbench.cli", "train", "upsampler=uplift_vae", "backbone=taef2",
-           "upsampler.kwargs.config=uplift_vae_small", "data.root=builtin:skimage", "data.img_size=64", "data.limit=2",
+           "upsampler.kwargs.arch=uplift_vae_small", "data.root=builtin:skimage", "data.img_size=64", "data.limit=2",
            "train.depths=[1]", "train.batch_size=2", "train.max_steps=2", "train.latent_noise=0.1",
            f"train.out_dir={out}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -135,5 +135,5 @@ def test_uplift_vae_trains_on_taef2_latents(tmp_path):
     from upbench import upsamplers
 
     model = upsamplers.create("uplift_vae", weights=str(weights), in_channels=32, patch_size=8,
-                              config="uplift_vae_small")
+                              arch="uplift_vae_small")
     assert model.num_params > 0

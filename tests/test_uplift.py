@@ -37,7 +37,7 @@ def small_dino():
 # --------------------------------------------------------------------------------------------- structure
 def test_param_count_dinov2_s14():
     m = UPLiFT(in_channels=384, patch_size=14)
-    assert m.config_name == "uplift_dinov2-s14"
+    assert m.arch_name == "uplift_dinov2-s14"
     assert m.num_params == 789_521
     assert sum(p.numel() for p in m.encoder.parameters()) == 283_904
     assert sum(p.numel() for p in m.decoder.parameters()) == 504_512
@@ -46,7 +46,7 @@ def test_param_count_dinov2_s14():
 
 def test_param_count_dinov3_same_keys():
     m2, m3 = UPLiFT(384, 14), UPLiFT(384, 16)
-    assert m3.config_name == "uplift_dinov3-splus16"
+    assert m3.arch_name == "uplift_dinov3-splus16"
     assert m3.num_params == 789_521
     assert {k: v.shape for k, v in m2.state_dict().items()} == {k: v.shape for k, v in m3.state_dict().items()}
 
@@ -73,7 +73,7 @@ def test_config_sources():
     assert by_name["backbone"]["patch"] == 14 and by_name["uplift"]["attender"] == 17
     section_only = load_config(by_name["uplift"])
     assert section_only["uplift"] == by_name["uplift"]
-    with pytest.raises(UpbenchError, match="unknown config"):
+    with pytest.raises(UpbenchError, match="unknown arch"):
         load_config("uplift_no_such_config")
 
 
@@ -152,7 +152,7 @@ def test_model_fast_path_matches_reference(small_dino):
 
 
 def test_vae_style_fast_path_matches_reference():
-    m = randomise(UPLiFTVAE(config=SMALL_VAE_CFG))
+    m = randomise(UPLiFTVAE(arch=SMALL_VAE_CFG))
     img, lat = torch.rand(1, 3, 32, 24), torch.randn(1, 4, 4, 3)
     with torch.no_grad():
         fast = m.forward_steps(img, lat, 2)
@@ -218,7 +218,7 @@ def test_fast_path_batch2_and_official_outsize(small_dino):
 
 def test_vae_style_fast_path_with_resize():
     """With a refiner the resize follows it (not fused); batch 2, non-square."""
-    m = randomise(UPLiFTVAE(config=SMALL_VAE_CFG))
+    m = randomise(UPLiFTVAE(arch=SMALL_VAE_CFG))
     img, lat = torch.rand(2, 3, 32, 24), torch.randn(2, 4, 4, 3)
     fast, ref = _fast_and_reference(m, img, lat, (29, 21))
     _assert_close(fast, ref)
@@ -241,7 +241,7 @@ def test_bfloat16_compute_option():
     assert err.abs().max().item() < 0.05 * (ref.max() - ref.min()).item()
     assert not torch.equal(got, ref)  # really computed in reduced precision
     # LayerNorm blocks, noise channels and the refiner (whose output is the step's output: rel. L2 below 5e-2)
-    v = randomise(UPLiFTVAE(config=SMALL_VAE_CFG, compute_dtype="bf16"))
+    v = randomise(UPLiFTVAE(arch=SMALL_VAE_CFG, compute_dtype="bf16"))
     img, lat = torch.rand(2, 3, 32, 24), torch.randn(2, 4, 4, 3)
     with torch.inference_mode():
         got = v(img, lat, (29, 21))
@@ -332,7 +332,7 @@ def test_registry_and_normalisation():
     assert tuple(UPLiFTVAE.image_mean) == (0.0, 0.0, 0.0) and tuple(UPLiFTVAE.image_std) == (1.0, 1.0, 1.0)
     m = UPLiFT(in_channels=8, patch_size=14, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
     assert m.image_mean == (0.5, 0.5, 0.5) and tuple(UPLiFT.image_mean) == (0.485, 0.456, 0.406)
-    v = UPLiFTVAE(config=SMALL_VAE_CFG)
+    v = UPLiFTVAE(arch=SMALL_VAE_CFG)
     with torch.inference_mode():
         assert v.eval()(torch.rand(1, 3, 32, 32), torch.randn(1, 4, 4, 4), (32, 32)).shape == (1, 4, 32, 32)
 

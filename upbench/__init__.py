@@ -5,7 +5,7 @@ and ``upbench --help`` should answer at once.  The parts that need torch import 
 
 Layers (each imports only the ones below it; ``tests/test_layers.py`` checks this):
 
-  L3  upbench.cli, hydra_plugins.upbench_launcher        thin; import lazily
+  L3  upbench.cli, upbench.completion, hydra_plugins.upbench_launcher   thin; import lazily
   L2  upbench.pipeline, runner, scaling, demo, report, viz, jobs   reach plugins only through registries
   L1  upbench.upsamplers, upbench.tasks, upbench.backbones, upbench.data   plugins; import L0 only
   L0  errors, registry, protocols, schema, results, files, checkpoints, cache, config, timing, transforms, hub,

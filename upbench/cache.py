@@ -8,6 +8,7 @@ different weights, or two datasets with the same item names, never share an entr
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from typing import Callable, Dict, Optional, Tuple
 
@@ -23,7 +24,7 @@ class FeatureCache:
         self.enabled = enabled
         self.directory = os.path.expanduser(directory) if directory else None
         self._memory: Dict[Tuple, Entry] = {}
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.unreadable = 0
 
     def _path(self, key: Tuple) -> str:
         digest = hashlib.sha1(repr(key).encode()).hexdigest()[:20]
@@ -34,10 +35,15 @@ class FeatureCache:
         try:
             entry = torch.load(path, weights_only=True, map_location="cpu")
         except Exception:  # noqa: BLE001  (a corrupt file fails in many ways; it is recomputed and replaced)
-            return None
+            entry = None
         if (isinstance(entry, (list, tuple)) and len(entry) == 2
                 and all(isinstance(t, torch.Tensor) for t in entry)):
             return entry[0], entry[1]
+        self.unreadable += 1
+        if self.unreadable == 1:   # once per cache: a damaged folder would otherwise print a line per item
+            logging.getLogger("upbench").warning(
+                f"upbench: warning: unreadable feature-cache file {path}; recomputing it (and any other damaged "
+                f"entries of {self.directory})")
         return None
 
     def get(self, key: Tuple, compute: Callable[[], Entry]) -> Entry:

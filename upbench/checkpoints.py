@@ -3,14 +3,19 @@ and load strictly with a report of missing and unexpected keys."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Dict, Iterable, Mapping, Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import UpbenchError
 
 WRAPPER_KEYS = ("state_dict_ema", "state_dict", "model", "module", "net", "params")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: the file ``save_pretrained`` writes (huggingface_hub's ``PyTorchModelHubMixin``); a folder holding it is accepted
+#: wherever a weights file is
+SAVED_WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -32,8 +37,18 @@ class WeightSource:
         return self.url or "?"
 
 
-def download(source: WeightSource, what: str) -> str:
-    """Fetch an official file into the usual caches (HF hub cache / torch hub cache); clear error offline."""
+def short_reason(text: str, limit: int = 120) -> str:
+    """The first line of ``text``, cut at a word boundary when longer than ``limit``."""
+    line = (text.strip().splitlines() or [""])[0]
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:.") + " ..."
+
+
+def download(source: WeightSource, what: str, local: str = "the local file path") -> str:
+    """Fetch an official file into the usual caches (HF hub cache / torch hub cache); one clear line offline.
+
+    ``local``: how to pass a local copy instead (named in the message), e.g. ``weights=/path/file``."""
     if source.package_file:
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", source.package_file)
         if not os.path.exists(path):
@@ -53,27 +68,80 @@ def download(source: WeightSource, what: str) -> str:
             return dst
     except Exception as exc:  # network errors come in many types (OSError, HTTPError, hub errors)
         raise UpbenchError(
-            f"could not download {what} from {source.describe()} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-            f"download it elsewhere and pass the local file path instead"
+            f"could not download {what} from {source.describe()} ({type(exc).__name__}: {short_reason(str(exc))}); "
+            f"download it elsewhere and pass {local}"
         ) from None
     raise UpbenchError(f"{what} cannot be downloaded automatically: {source.notes or 'no download source'}; "
-                       "pass a local file path")
+                       f"pass {local}")
+
+
+@dataclass(frozen=True)
+class PretrainedCfg:
+    """One official checkpoint of an upsampler and what it needs (the counterpart of timm's ``pretrained_cfg``).
+
+    ``tag`` is the checkpoint's name (``weights=<tag>``, ``upsampler.weights=<tag>``); ``backbone`` names the features
+    it was trained on (a timm name where the features are timm's; ``backbone_aliases`` lists other names of the
+    same features); ``in_channels`` / ``patch_size`` are that backbone's channels and stride (None: any / not
+    stated); ``image_mean`` / ``image_std`` the normalisation of the guidance image; ``kwargs`` the constructor
+    arguments the checkpoint needs beyond channels and patch size."""
+
+    tag: str
+    backbone: Optional[str]
+    in_channels: Optional[int]
+    patch_size: Optional[int]
+    source: WeightSource
+    paper: str = ""
+    image_mean: Tuple[float, float, float] = IMAGENET_MEAN
+    image_std: Tuple[float, float, float] = IMAGENET_STD
+    kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    backbone_aliases: Tuple[str, ...] = ()
+    notes: str = ""
+
+    @property
+    def licence(self) -> str:
+        return self.source.licence or "unstated"
+
+    @property
+    def url(self) -> str:
+        """Where the file comes from: ``hf://repo/file``, a URL, or the packaged asset."""
+        return self.source.describe()
+
+    @property
+    def backbones(self) -> Tuple[str, ...]:
+        """Every name of the backbone it was trained on."""
+        return ((self.backbone,) if self.backbone else ()) + tuple(self.backbone_aliases)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out.update(source=self.url, licence=self.licence, kwargs=dict(self.kwargs))
+        return out
 
 
 def read_state_dict(path: str) -> Dict[str, object]:
-    """Read a .safetensors / .pth / .bin / .ckpt file with ``weights_only=True``."""
+    """Read a .safetensors / .pth / .bin / .ckpt file with ``weights_only=True`` (or the weights of a folder written
+    by ``save_pretrained``)."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, SAVED_WEIGHTS)):
+        path = os.path.join(path, SAVED_WEIGHTS)
+    if os.path.isdir(path):
+        raise UpbenchError(f"{path} is a folder, not a weights file (a folder must hold {SAVED_WEIGHTS}, as "
+                           "save_pretrained writes it)")
     if not os.path.isfile(path):
         raise UpbenchError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return dict(load_file(path, device="cpu"))
+        try:
+            return dict(load_file(path, device="cpu"))
+        except Exception as exc:  # noqa: BLE001  (truncated / not safetensors: the library raises its own types)
+            reason = short_reason(str(exc)) or type(exc).__name__
+            raise UpbenchError(f"cannot read {path}: not a complete safetensors file ({reason}); download it "
+                               "again") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UpbenchError(
-            f"cannot read {path} with weights_only=True ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-        ) from None
+    except Exception as exc:  # noqa: BLE001  (truncated, not a checkpoint, or holding code: never unpickled)
+        reason = short_reason(str(exc), 160) or "empty or truncated file"
+        raise UpbenchError(f"cannot read {path} as a checkpoint with weights_only=True ({type(exc).__name__}: "
+                           f"{reason}); pass a state dict (.safetensors / .pth)") from None
     if not isinstance(obj, Mapping):
         raise UpbenchError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return dict(obj)

@@ -1,15 +1,5 @@
-"""``upbench <verb> [hydra overrides]`` -- a thin layer: parse the verb, compose the config, call one function.
-
-  upbench run task=seg upsampler=uplift dataset=voc backbone=dinov2_s14 [-m for multirun]
-  upbench train upsampler=uplift backbone=demo data.root=builtin:skimage   # multi-depth self-supervised training
-  upbench demo                      # seg on the embedded demo set for every registered upsampler
-  upbench list                      # upsamplers, tasks, backbones, datasets
-  upbench sweep scaling [--quick] [overrides]   # time / memory / FLOPs vs tokens for every upsampler
-  upbench report [--latex|--csv] [--paper] [--scaling] [--html DIR] [--results DIR]
-  upbench viz <kind> [--results DIR] [--out DIR] [overrides]   # scaling pca steps predictions perclass train
-  upbench status [--sweep NAME|latest|all]    # finished / running / failed jobs of a submitted sweep
-  any of run / train / sweep + hydra/launcher=slurm [cluster=<preset>] (or hydra/launcher=local): submitted
-"""
+"""The ``upbench`` command: parse the verb, check the arguments, compose the config, call one function.  Every
+error a user can cause ends as one line on stderr and a non-zero exit (2 for usage errors), never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +10,26 @@ from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple
 
 from .config import compose, config_options, register_resolvers
 from .errors import UpbenchError
+from .overrides import check as check_overrides
+from .overrides import HYDRA_FLAGS, check_results_dir, prints_only, quote_non_ascii, split_args
+
+HELP = """usage: upbench <command> [options] [key=value overrides]
+
+commands:
+  run       one job, or a multirun (-m): upbench run task=seg upsampler=uplift dataset=voc
+  train     train an iterative upsampler: upbench train upsampler=uplift backbone=dinov2_s14 data.root=/data
+  sweep     a measurement sweep: upbench sweep scaling [--quick]
+  demo      the offline demo: probes, the quick sweep, figures and the HTML report
+  report    the papers' tables from the results: upbench report [--latex|--csv] [--paper] [--html DIR]
+  viz       figures: upbench viz scaling|pca|steps|predictions|perclass|train
+  status    jobs of a submitted sweep: upbench status [--sweep NAME|latest|all]
+  list      upsamplers, tasks, backbones, datasets, protocols, sweeps
+
+run, train, sweep and demo take Hydra overrides (key=value, -m, --cfg job, --info, --resolve, --help);
+hydra/launcher=slurm [cluster=<preset>] submits the same jobs to SLURM.
+
+options: --version, --help, --shell-completion install=bash|zsh|fish (prints a script to source)
+"""
 
 GROUPS = ("task", "upsampler", "backbone", "dataset", "protocol")
 LAUNCHERS = ("slurm", "local", "basic", "submitit_slurm", "submitit_local")
@@ -27,9 +37,36 @@ LAUNCHERS = ("slurm", "local", "basic", "submitit_slurm", "submitit_local")
 __all__ = ["main", "compose", "config_options"]
 
 
-def _fail(msg: str) -> NoReturn:
-    print(f"upbench: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+def _fail(msg: str, code: int = 2) -> NoReturn:
+    print(f"upbench: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with upbench's one-line errors."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        _fail(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def report_exception(exc: BaseException) -> NoReturn:
+    """The one place an exception becomes what the user sees: one line and an exit code."""
+    if isinstance(exc, KeyboardInterrupt):
+        print("upbench: interrupted; finished results are kept and an unfinished probe resumes from its checkpoint "
+              "when the same command runs again", file=sys.stderr)
+        sys.exit(130)
+    if isinstance(exc, UpbenchError):
+        _fail(str(exc), getattr(exc, "exit_code", 2))
+    if isinstance(exc, MemoryError):
+        _fail("out of memory; use a smaller dataset.img_size or task.probe.batch_size, or a machine with more memory",
+              1)
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        _fail(f"cannot access{where}: {exc.strerror or exc}; check the path and its permissions (paths.results, "
+              f"dataset.root, ...)", 1)
+    if os.environ.get("UPBENCH_DEBUG"):
+        raise exc
+    _fail(f"unexpected {type(exc).__name__}: {exc}; please report it (UPBENCH_DEBUG=1 shows where it happened)", 1)
 
 
 def registered(group: str) -> List[str]:
@@ -98,19 +135,17 @@ def _hydra_main(overrides: List[str], multirun: bool, config_name: str, job: Cal
         failed = launcher.FAILED
 
     @hydra.main(version_base=None, config_path="pkg://upbench.configs", config_name=config_name)
-    def _entry(cfg: DictConfig) -> None:
+    def _entry(cfg: DictConfig) -> Any:
         in_job = bool(os.environ.get("SUBMITIT_EXECUTOR"))
         try:
-            job(cfg)
+            return job(cfg)   # the job's primary metric: what a Hydra sweeper optimises
         except Exception as exc:
-            if in_job:   # a submitted job: the error goes to the job's log and to submitit (`upbench status`)
+            if in_job:   # a submitted job: the error goes to the job's log and its outcome (`upbench status`)
                 import traceback
 
                 traceback.print_exc()
                 raise
-            if isinstance(exc, UpbenchError):
-                _fail(str(exc))
-            raise
+            report_exception(exc)
 
     sys.argv = ["upbench"] + (["-m"] if multirun else []) + overrides
     _entry()
@@ -122,10 +157,10 @@ def _hydra_main(overrides: List[str], multirun: bool, config_name: str, job: Cal
         sys.exit(1)
 
 
-def _run_job(cfg: Any) -> None:
-    from .runner import run_job
+def _run_job(cfg: Any) -> Any:
+    from .runner import primary_metric, run_job
 
-    run_job(cfg)
+    return primary_metric(run_job(cfg))
 
 
 def _train_job(cfg: Any) -> None:
@@ -150,22 +185,30 @@ def _sweep_job(cfg: Any) -> None:
             print(f"figure: {path}")
 
 
-def _split_multirun(argv: Sequence[str]) -> Tuple[List[str], bool]:
-    return [a for a in argv if a not in ("-m", "--multirun")], any(a in ("-m", "--multirun") for a in argv)
-
-
-def cmd_run(argv: List[str]) -> None:
-    overrides, multirun = _split_multirun(argv)
+def prepare(argv: Sequence[str], config_name: str) -> Tuple[List[str], List[str], bool]:
+    """(Hydra flags, overrides, multirun) of a verb's arguments, checked before Hydra sees them: group names, the
+    override grammar, unknown keys, value types, and a writable ``paths.results`` when the job will write."""
+    flags, overrides, multirun = split_args(argv)
+    overrides = quote_non_ascii(overrides)
     # the preset group always has a default (none), so Hydra's append form means the same as choosing it
     overrides = [o[1:] if o.startswith("+protocol=") else o for o in overrides]
     validate_overrides(overrides)
-    _hydra_main(overrides, multirun, "config", _run_job)
+    if any(f in ("--help", "-h", "--hydra-help") for f in flags):
+        return flags, overrides, multirun
+    cfg = check_overrides(config_name, [o for o in overrides if not o.startswith("cluster=")])
+    if not prints_only(flags) and "paths" in cfg:
+        check_results_dir(cfg.paths.results)
+    return flags, overrides, multirun
+
+
+def cmd_run(argv: List[str]) -> None:
+    flags, overrides, multirun = prepare(argv, "config")
+    _hydra_main(flags + overrides, multirun, "config", _run_job)
 
 
 def cmd_train(argv: List[str]) -> None:
-    overrides, multirun = _split_multirun(argv)
-    validate_overrides(overrides)
-    _hydra_main(overrides, multirun, "train", _train_job)
+    flags, overrides, multirun = prepare(argv, "train")
+    _hydra_main(flags + overrides, multirun, "train", _train_job)
 
 
 def cmd_list(_: List[str]) -> None:
@@ -194,10 +237,25 @@ def protocol_presets() -> dict:
 
 def cmd_demo(argv: List[str]) -> None:
     """Seg probe on the embedded demo set with the demo backbone, once per registered upsampler."""
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: upbench demo [key=value overrides]\n\n"
+              "The offline demo (configs/demo.yaml): the segmentation probe on the embedded demo set for every "
+              "upsampler,\nthe depth probe and step stability for a few, the quick scaling sweep, every figure and "
+              "the HTML report\n(results/report/index.html).  Overrides apply to every job, e.g. "
+              "upbench demo paths.results=/tmp/demo upsampler=bilinear,uplift")
+        return
     from . import demo
 
-    validate_overrides(argv)
-    demo.main(argv)
+    flags, overrides, multirun = split_args(argv)
+    if flags or multirun:
+        _fail(f"upbench demo takes key=value overrides only, not {(flags or ['-m'])[0]}")
+    overrides = quote_non_ascii(overrides)
+    validate_overrides(overrides)
+    spec = demo.demo_spec()   # the demo's own settings come first, as in every demo job
+    base = list(spec.get("overrides") or []) + list(spec.get("seg") or [])
+    cfg = check_overrides("config", base + [o for o in overrides if not o.startswith("upsampler=")])
+    check_results_dir(cfg.paths.results)
+    demo.main(overrides)
 
 
 def cmd_sweep(argv: List[str]) -> None:
@@ -206,18 +264,23 @@ def cmd_sweep(argv: List[str]) -> None:
     limit depends on the previous ones)."""
     sweeps = config_options("sweep")
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        if argv and argv[0] in ("-h", "--help"):
+            print(f"usage: upbench sweep <name> [--quick] [key=value overrides] [--cfg job|hydra|all] [--info]\n"
+                  f"sweeps: {', '.join(sweeps)}")
+            return
         _fail(f"which sweep? usage: upbench sweep <name> [--quick] [overrides]; sweeps: {', '.join(sweeps)}")
     name, rest = argv[0], argv[1:]
     if name not in sweeps:
         _fail(f"unknown sweep '{name}'; sweeps: {', '.join(sweeps)}")
     quick = "--quick" in rest
-    overrides = [a for a in rest if a != "--quick"]
-    flags = [a for a in overrides if a.startswith("-") and a not in ("-m", "--multirun")]
-    if flags:
-        _fail(f"unknown option {flags[0]} for upbench sweep (options: --quick; the rest are key=value overrides)")
-    overrides, multirun = _split_multirun(overrides)
-    validate_overrides(overrides)
-    _hydra_main(overrides + (["use_quick=true"] if quick else []), multirun, f"sweep/{name}", _sweep_job)
+    rest = [a for a in rest if a != "--quick"]
+    known = set(HYDRA_FLAGS) | {"-m", "--multirun"}
+    unknown = [a for a in rest if a.startswith("-") and "=" not in a and a not in known]
+    if unknown:
+        _fail(f"unknown option {unknown[0]} for upbench sweep (options: --quick, -m, --cfg job|hydra|all, --resolve, "
+              "--info, --help; the rest are key=value overrides)")
+    flags, overrides, multirun = prepare(rest, f"sweep/{name}")
+    _hydra_main(flags + overrides + (["use_quick=true"] if quick else []), multirun, f"sweep/{name}", _sweep_job)
 
 
 def cmd_status(argv: List[str]) -> None:
@@ -225,11 +288,15 @@ def cmd_status(argv: List[str]) -> None:
     submitted sweep, with the log of each failure."""
     from . import jobs
 
-    parser = argparse.ArgumentParser(prog="upbench status")
+    parser = ArgumentParser(prog="upbench status")
     parser.add_argument("--sweep", default="latest", help="a sweep name (see results/jobs/), latest or all")
     parser.add_argument("--results", default=os.environ.get("UPBENCH_RESULTS", "results"))
     parser.add_argument("--json", action="store_true", help="one JSON object per job")
     args = parser.parse_args(argv)
+    if not jobs.sweep_records(args.results):   # nothing submitted yet is a state, not an error
+        print(f"no submitted sweeps under {Path(args.results).resolve() / 'jobs'}; submit with "
+              "`upbench run -m ... hydra/launcher=slurm` (or hydra/launcher=local)")
+        return
     found = jobs.status(args.results, args.sweep)
     if args.json:
         import json
@@ -240,11 +307,22 @@ def cmd_status(argv: List[str]) -> None:
         sys.stdout.write(jobs.format_status(found))
 
 
-def cmd_report(argv: List[str]) -> None:
-    from . import report
+def read_rows(results: str, missing_ok: bool = False) -> List[dict]:
+    """Every row of a results folder; a file that is not a row is skipped with one warning line naming it."""
     from .results import ResultStore
 
-    parser = argparse.ArgumentParser(prog="upbench report")
+    root = Path(os.path.expanduser(str(results)))
+    if root.exists() and not root.is_dir():
+        _fail(f"--results {root} is a file, not a results folder")
+    if not root.exists() and not missing_ok:
+        _fail(f"no results folder {root.resolve()}; run a job first (upbench run ...) or pass --results DIR")
+    return ResultStore(str(root)).rows(warn=lambda msg: print(f"upbench: warning: {msg}", file=sys.stderr))
+
+
+def cmd_report(argv: List[str]) -> None:
+    from . import report
+
+    parser = ArgumentParser(prog="upbench report")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--latex", action="store_true", help="booktabs LaTeX (best bold, second underlined)")
     fmt.add_argument("--csv", action="store_true", help="CSV (with --scaling: one tidy line per sweep point)")
@@ -257,7 +335,7 @@ def cmd_report(argv: List[str]) -> None:
     args = parser.parse_args(argv)
     if args.plot and not args.scaling:
         _fail("--plot needs --scaling")
-    rows = ResultStore(args.results).rows()
+    rows = read_rows(args.results)
     kind = "latex" if args.latex else "csv" if args.csv else "markdown"
     sys.stdout.write(report.render(rows, kind, paper=args.paper or args.rank_paper, scaling=args.scaling,
                                    rank_paper=args.rank_paper))
@@ -275,9 +353,8 @@ def cmd_report(argv: List[str]) -> None:
 def cmd_viz(argv: List[str]) -> None:
     """``upbench viz <kind> [--results DIR] [--out DIR] [--upsamplers a,b] [--image N] [--log FILE] [overrides]``."""
     from . import viz
-    from .results import ResultStore
 
-    parser = argparse.ArgumentParser(prog="upbench viz", description=viz.__doc__,
+    parser = ArgumentParser(prog="upbench viz", description=viz.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=viz.KINDS)
     parser.add_argument("--results", default=os.environ.get("UPBENCH_RESULTS", "results"))
@@ -291,7 +368,7 @@ def cmd_viz(argv: List[str]) -> None:
         _fail(f"unknown option {bad[0]} for upbench viz (options: --results --out --upsamplers --image --log; the rest "
               f"are key=value overrides)")
     validate_overrides(overrides)
-    rows = ResultStore(args.results).rows()
+    rows = read_rows(args.results, missing_ok=True)
     out = Path(args.out or Path(args.results) / "figures")
     paths = viz.main_kind(args.kind, rows, Path(args.results), out, overrides,
                           upsamplers=args.upsamplers.split(",") if args.upsamplers else None, image=args.image,
@@ -313,15 +390,35 @@ COMMANDS = {"run": cmd_run, "train": cmd_train, "demo": cmd_demo, "list": cmd_li
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(__doc__)
+        print(HELP, end="")
+        return
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(f"upbench {__version__}")
+        return
+    if argv[0] in ("--shell-completion", "-sc"):
+        from . import completion
+
+        try:
+            sys.stdout.write(completion.script(argv[1:]))
+        except UpbenchError as exc:
+            _fail(str(exc))
+        return
+    if argv[0] == "__complete":   # called by the shell completion script
+        from . import completion
+
+        print("\n".join(completion.candidates(argv[1:])))
         return
     verb, rest = argv[0], argv[1:]
     if verb not in COMMANDS:
-        _fail(f"unknown command '{verb}'; commands: {', '.join(COMMANDS)}")
+        _fail(f"unknown command '{verb}'; commands: {', '.join(COMMANDS)} (upbench --help)")
     try:
         COMMANDS[verb](rest)
-    except UpbenchError as exc:
-        _fail(str(exc))
+    except SystemExit:
+        raise
+    except BaseException as exc:   # noqa: BLE001  (every error ends as one line)
+        report_exception(exc)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,21 @@ def resolve_device(name: Any):
 
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise UpbenchError(f"device={name} requested but CUDA is not available; use device=cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(str(name))
+    except (RuntimeError, ValueError):
+        raise UpbenchError(f"device={name}: not a device; use auto, cpu, cuda or cuda:<index>") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UpbenchError(f"device={name}: upbench runs on cpu, cuda or mps; use device=auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UpbenchError(f"device={name} requested but CUDA is not available; use device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UpbenchError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s); use "
+                               f"cuda:0 ... cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UpbenchError(f"device={name} requested but MPS is not available; use device=cpu")
+    return device
 
 
 def package_dir(package: str) -> Path:

@@ -20,3 +20,23 @@ def parse_dtype(value: Any, owner: str = "dtype") -> Optional[torch.dtype]:
     if key not in FLOAT_DTYPES:
         raise UpbenchError(f"{owner}: unknown dtype '{value}'; use one of {', '.join(FLOAT_DTYPES)}")
     return FLOAT_DTYPES[key]
+
+
+#: what ``compute_dtype`` (config top level) accepts
+COMPUTE_DTYPES = ("float32", "bf16", "fp16")
+
+
+def reduced_dtype(value: Any, owner: str = "compute_dtype") -> Optional[torch.dtype]:
+    """``compute_dtype``: None / float32 -> None (full precision); bf16 / fp16 (or their long names) -> the dtype
+    autocast runs in."""
+    if value is None:
+        return None
+    try:
+        dtype = parse_dtype(value, owner)
+    except UpbenchError:
+        dtype = None
+    if dtype is torch.float32:
+        return None
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise UpbenchError(f"{owner}={value}: expected one of {', '.join(COMPUTE_DTYPES)} (or null: float32)")
+    return dtype

@@ -74,6 +74,31 @@ def hub_answers(timeout: float = 5.0) -> bool:
         return False
 
 
+def offline() -> bool:
+    """Whether hub downloads are off: ``HF_HUB_OFFLINE=1``, or the endpoint did not answer once in this process (then
+    the hub client is switched to offline mode, so no later call waits for its retries)."""
+    global _hub_unreachable
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    if not _hub_unreachable and hub_answers(timeout=3.0):
+        return False
+    _hub_unreachable = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    return True
+
+
+def offline_hint() -> str:
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_OFFLINE") and not _hub_unreachable:
+        return "HF_HUB_OFFLINE is set, so only cached files are used"
+    return (f"the Hugging Face hub ({constants.ENDPOINT}) does not answer, so only cached files are used (set "
+            "HF_HUB_OFFLINE=1 to skip the check)")
+
+
 def _download(repo: str, filename: str) -> Optional[Path]:
     """Download one file into the hub cache; None if it cannot be had."""
     global _hub_unreachable

@@ -1,14 +1,14 @@
 """What a submitted job is and where it stands: the finished-result check the launcher uses to submit only what is
 missing, the sweep records it writes, and ``upbench status``, which reads them.
 
-A job's state comes, in this order, from its finished result (row or weights), from submitit's result file (an
-error there is a failure with its log), from the scheduler (``sacct``, or ``scontrol`` where accounting is off),
-or, for local jobs, from whether the process is alive."""
+A job's state comes, in this order, from its finished result (row or weights), from the outcome file the job body
+writes when it ends (``<submitit folder>/<job id>_upbench_outcome.json``: JSON, so reading it never runs code;
+submitit's own result pickles are never opened), from the scheduler (``sacct``, or ``scontrol`` where accounting is
+off), or, for local jobs, from whether the process is alive."""
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import subprocess
 from pathlib import Path
@@ -97,22 +97,27 @@ def _local_alive(job_id: str) -> bool:
     return True
 
 
-def _submitit_outcome(record: Dict[str, Any]) -> Optional[tuple]:
-    """("success" | "error", detail) from the job's submitit result file, if it has one."""
-    from submitit.core.utils import JobPaths
+def outcome_path(folder: str, job_id: str) -> Path:
+    """Where a job body leaves its outcome (``{"state": "finished" | "failed", "detail": ...}``)."""
+    return Path(folder) / f"{job_id}_upbench_outcome.json"
 
-    if not record.get("submitit_folder"):
+
+def write_outcome(folder: str, job_id: str, state: str, detail: str) -> None:
+    from .files import atomic_write
+
+    with atomic_write(outcome_path(folder, job_id)) as tmp:
+        tmp.write_text(json.dumps({"state": state, "detail": detail}))
+
+
+def _outcome(record: Dict[str, Any]) -> Optional[Tuple[str, str]]:
+    """(state, detail) from the job's outcome file, if it wrote one (JSON only)."""
+    if not record.get("submitit_folder") or not record.get("job_id"):
         return None
-    path = JobPaths(record["submitit_folder"], job_id=record["job_id"], task_id=0).result_pickle
     try:
-        with open(path, "rb") as fh:
-            outcome, value = pickle.load(fh)
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+        data = json.loads(outcome_path(record["submitit_folder"], str(record["job_id"])).read_text())
+        return str(data["state"]), str(data.get("detail", ""))[:300]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    if outcome == "success" and getattr(getattr(value, "status", None), "name", "") == "FAILED":
-        value, outcome = getattr(value, "_return_value", value), "error"   # the task raised inside the job
-    text = (str(value).strip().splitlines() or [""])[-1][:200]
-    return outcome, text
 
 
 def job_state(record: Dict[str, Any]) -> Dict[str, Any]:
@@ -123,11 +128,13 @@ def job_state(record: Dict[str, Any]) -> Dict[str, Any]:
     if res and Path(res).is_file():
         return {"state": "finished", "detail": res, "log": None}
     log = record.get("stderr")
-    outcome = _submitit_outcome(record)
-    if outcome and outcome[0] == "error":
+    outcome = _outcome(record)
+    if outcome and outcome[0] == "failed":
         return {"state": "failed", "detail": outcome[1], "log": log}
-    if outcome and outcome[0] == "success" and not res:
+    if outcome and outcome[0] == "finished" and not res:
         return {"state": "finished", "detail": "job returned", "log": None}
+    if not record.get("job_id"):
+        return {"state": "unknown", "detail": "the record has no job id", "log": log}
     if record.get("executor") == "slurm":
         raw = slurm_state(record["job_id"])
         state = SLURM_STATES.get((raw or "").split()[0].rstrip("+"), "unknown") if raw else "unknown"
@@ -161,10 +168,26 @@ def status(results_dir: str, sweep: Optional[str] = None) -> List[Dict[str, Any]
             raise UpbenchError(f"unknown sweep '{sweep}'; sweeps: {', '.join(p.stem for p in records)}")
     out = []
     for path in chosen:
-        data = json.loads(path.read_text())
+        data = read_record(path)
         for record in data["jobs"]:
             out.append({"sweep": data["sweep"], **record, **job_state(record)})
     return out
+
+
+def read_record(path: Path) -> Dict[str, Any]:
+    """A sweep record written by the launcher; :class:`UpbenchError` naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UpbenchError(f"{path} is not a readable sweep record ({type(exc).__name__}); delete it (the jobs' rows "
+                           "are kept) or re-run the sweep's command") from None
+    jobs = data.get("jobs") if isinstance(data, dict) else None
+    if not isinstance(jobs, list) or not all(isinstance(j, dict) and {"num", "label", "submitted"} <= set(j)
+                                             for j in jobs):
+        raise UpbenchError(f"{path} is not a sweep record of upbench (no list of jobs with num / label / submitted); "
+                           "delete it or re-run the sweep's command")
+    data.setdefault("sweep", path.stem)
+    return data
 
 
 def format_status(jobs: List[Dict[str, Any]]) -> str:

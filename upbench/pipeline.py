@@ -9,6 +9,7 @@ contract, and device-synchronised timing of every upsampler call.  Tasks receive
 it.  The builders here turn config sections into plugins, through the registries only."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -16,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .cache import PROCESS_CACHE, FeatureCache
+from .dtypes import reduced_dtype
 from .errors import UpbenchError
 from .registry import BACKBONES, DATASETS, UPSAMPLERS
 from .results import config_hash
@@ -130,7 +132,7 @@ class Identified(SliceView):
         return {**item, "source": self.identity} if isinstance(item, dict) else item
 
 
-def _split(spec: str) -> Tuple[str, Optional[slice]]:
+def _split(spec: str, key: str) -> Tuple[str, Optional[slice]]:
     """``"val"`` -> ("val", None); ``"val[10:]"`` -> ("val", slice(10, None))."""
     if "[" not in spec:
         return spec, None
@@ -139,26 +141,73 @@ def _split(spec: str) -> Tuple[str, Optional[slice]]:
         a, b = rest.rstrip("]").split(":")
         return name, slice(int(a) if a else None, int(b) if b else None)
     except ValueError:
-        raise UpbenchError(f"bad split '{spec}'; use name or name[start:stop], e.g. val[:20]") from None
+        raise UpbenchError(f"dataset.{key}={spec}: use name or name[start:stop], e.g. val[:20]") from None
 
 
-def build_datasets(cfg: Mapping[str, Any]) -> Tuple[Any, Any]:
-    """(train, val) of a dataset config: ``train_split`` / ``val_split`` (``name`` or ``name[a:b]``), limits."""
+def _positive_int(value: Any, key: str, optional: bool) -> Optional[int]:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UpbenchError(f"{key}={value}: expected a positive integer" + (" or null (no limit)" if optional else ""))
+    return value
+
+
+def _source_files(ds: Any) -> Optional[set]:
+    """The image files a (sliced) dataset reads, or None when its items are not files (generated sets)."""
+    positions = range(len(ds))
+    while isinstance(ds, SliceView):
+        positions = [ds.indices[p] for p in positions]
+        ds = ds.base
+    entries = getattr(ds, "pairs", None) or getattr(ds, "items", None)
+    if not isinstance(entries, list) or len(entries) != len(ds):
+        return None
+    out = set()
+    for p in positions:
+        key = entries[p][0] if isinstance(entries[p], (tuple, list)) else entries[p]
+        if not isinstance(key, (str, os.PathLike)):
+            return None
+        out.add(os.path.realpath(str(key)))
+    return out
+
+
+def build_datasets(cfg: Mapping[str, Any], disjoint: bool = True) -> Tuple[Any, Any]:
+    """(train, val) of a dataset config: ``train_split`` / ``val_split`` (``name`` or ``name[a:b]``), limits.
+
+    Refused with one line: a size or limit that is not a positive integer, a split (or slice) with no image, and a
+    train and val split that share images (``disjoint``: for tasks that fit on the train split; a flat folder has
+    no split files, so both splits read the same images)."""
     cfg = dict(cfg)
     name = cfg.pop("name")
     train_split, val_split = cfg.pop("train_split", "train"), cfg.pop("val_split", "val")
-    limit_train, limit_val = cfg.pop("limit_train", None), cfg.pop("limit_val", None)
+    limits = {"limit_train": cfg.pop("limit_train", None), "limit_val": cfg.pop("limit_val", None)}
+    for key, value in limits.items():
+        _positive_int(value, f"dataset.{key}", optional=True)
+    if "img_size" in cfg:
+        _positive_int(cfg["img_size"], "dataset.img_size", optional=False)
     cfg.pop("num_classes", None)
     out = []
-    for spec, limit in ((train_split, limit_train), (val_split, limit_val)):
-        split, part = _split(str(spec))
+    for key, spec, limit in (("train_split", train_split, limits["limit_train"]),
+                             ("val_split", val_split, limits["limit_val"])):
+        split, part = _split(str(spec), key)
         ds = Identified(DATASETS.create(name, split=split, **cfg), dataset_identity({"name": name, **cfg}, split))
+        total = len(ds)
         if part is not None:
             ds = SliceView(ds, range(len(ds))[part])
         if limit:
             ds = SliceView(ds, range(min(int(limit), len(ds))))
+        if len(ds) == 0:
+            raise UpbenchError(f"dataset.{key}={spec} selects no image ({name} '{split}' has {total}); choose a "
+                               f"non-empty split or slice, e.g. dataset.{key}='{split}[:{max(1, total // 2)}]'")
         out.append(ds)
-    return out[0], out[1]
+    train, val = out
+    shared = (_source_files(train) or set()) & (_source_files(val) or set()) if disjoint else set()
+    if shared:
+        n = len(_source_files(val) or ())
+        raise UpbenchError(f"dataset {name}: the train and val splits share {len(shared)} of the {n} validation "
+                           f"images (a folder without split files gives both splits the same images); split it, "
+                           f"e.g. \"dataset.train_split='{val_split}[:{n // 2}]'\" "
+                           f"\"dataset.val_split='{val_split}[{n // 2}:]'\"")
+    return train, val
 
 
 def build_images(cfg: Mapping[str, Any], seed: int = 0):
@@ -201,12 +250,15 @@ class Pipeline:
     ``input_norm``: "normalised", or "official_unnormalised" (backbone and upsampler both get [0, 1] images, as the
     JAFAR depth script feeds them); ``backbone_scale`` / ``feature_grid``: the backbone sees the image at this many
     times its side / at ``feature_grid`` x its patch size (arbitrary-scale evaluation, the 2x-input baseline);
-    ``upsampled_budget_gb``: keep upsampled features of dataset items in memory up to this size."""
+    ``upsampled_budget_gb``: keep upsampled features of dataset items in memory up to this size;
+    ``compute_dtype``: None (float32) or bf16 / fp16: the upsampler (and, through :meth:`autocast`, the task's probe)
+    run under ``torch.autocast`` in it; results come back as float32."""
 
     def __init__(self, backbone, upsampler, device: torch.device, cache: Optional[FeatureCache] = None,
                  guidance_norm: str = "upsampler", upsampled_budget_gb: float = 0.0, input_norm: str = "normalised",
-                 backbone_scale: float = 1.0, feature_grid: Optional[int] = None):
+                 backbone_scale: float = 1.0, feature_grid: Optional[int] = None, compute_dtype: Any = None):
         self.backbone, self.upsampler, self.device = backbone, upsampler, torch.device(device)
+        self.compute_dtype = reduced_dtype(compute_dtype)
         self.cache = cache if cache is not None else FeatureCache(enabled=False)
         if guidance_norm == "upsampler":
             self.guide_mean, self.guide_std = upsampler.image_mean, upsampler.image_std
@@ -226,6 +278,12 @@ class Pipeline:
         self._hr: Dict[Tuple[Any, ...], torch.Tensor] = {}
         self.backbone_s: List[float] = []
         self.upsampler_s: List[float] = []
+
+    def autocast(self) -> Any:
+        """``torch.autocast`` in ``compute_dtype`` on this device (a no-op context for float32)."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     # ------------------------------------------------------------------ normalisation
     def backbone_side(self, side: int) -> int:
@@ -299,8 +357,10 @@ class Pipeline:
         features = features.to(self.device)
         with torch.inference_mode():
             guide = self.guidance(image01)
-            with Stopwatch(self.device) as sw:
+            with Stopwatch(self.device) as sw, self.autocast():
                 out = self.upsampler(guide, features, size)
+            if self.compute_dtype is not None:
+                out = out.to(features.dtype)
         self.upsampler_s.append(sw.seconds / max(1, features.shape[0]))
         check_output(out, features, size)
         return out

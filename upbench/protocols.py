@@ -138,13 +138,15 @@ class Task:
 
     ``dataset_kinds``: the ``kind`` of dataset it accepts (``None``: any); ``dataset_hint``: how the error names what
     it needs; ``table``: its report layout; ``makes_rows``: whether the runner stores a result row for it (training
-    leaves weights instead)."""
+    leaves weights instead); ``fits_train_split``: whether it fits anything on the train split (a probe), so train
+    and val must not share images."""
 
     registry_name = ""
     table: Optional[TableSpec] = None
     dataset_kinds: Optional[Tuple[str, ...]] = None
     dataset_hint: str = "another dataset"
     makes_rows: bool = True
+    fits_train_split: bool = False
 
     def preflight(self, cfg: Mapping[str, Any]) -> None:
         """Check what the task needs (weights, files) from the whole config before anything is built; raise

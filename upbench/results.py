@@ -16,10 +16,16 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 from . import schema
+from .errors import UpbenchError
 from .files import atomic_write
+
+
+def _reject_constant(name: str) -> Any:
+    """Rows are strict JSON: NaN / Infinity in a file means it is not a row of ours."""
+    raise ValueError(f"{name} is not strict JSON")
 
 #: config keys that do not change what a run computes
 HASH_EXCLUDE = ("paths", "force", "hydra", "threads")
@@ -120,6 +126,8 @@ def device_info(device: Any) -> Dict[str, Any]:
                             "cpu": platform.processor() or platform.machine(), "host": platform.node()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    info["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    info["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
     compat = sys.modules.get("upbench.compat")
     info["torchvision_fallback"] = bool(getattr(compat, "FALLBACK_ACTIVE", False))
     return info
@@ -133,6 +141,13 @@ def train_weights_path(cfg: Mapping[str, Any]) -> Path:
     """``<train.out_dir>/<upsampler>_<backbone>.safetensors``: where a finished training leaves its weights."""
     out_dir = Path(os.path.expanduser(str(cfg["train"]["out_dir"])))
     return out_dir / f"{cfg['upsampler']['name']}_{cfg['backbone']['name']}.safetensors"
+
+
+def _write_json(dst: Path, obj: Dict[str, Any]) -> None:
+    with atomic_write(dst) as tmp, open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True, default=str, allow_nan=False)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 class ResultStore:
@@ -153,36 +168,64 @@ class ResultStore:
         return self.path(key).exists()
 
     def read(self, key: str) -> Dict[str, Any]:
-        return schema.upgrade(json.loads(self.path(key).read_text()))
+        return self.read_file(self.path(key))
 
     def write(self, row: Dict[str, Any]) -> Path:
+        """Store a finished row (strict JSON, atomically); a failure record of the same config is then obsolete."""
         dst = self.path(row["config_hash"])
-        with atomic_write(dst) as tmp, open(tmp, "w") as fh:
-            json.dump(row, fh, indent=1, sort_keys=True, default=str, allow_nan=False)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_json(dst, row)
+        self.failure_path(row["config_hash"]).unlink(missing_ok=True)
         return dst
 
-    def rows(self) -> List[Dict[str, Any]]:
+    def failure_path(self, key: str) -> Path:
+        """``<root>/failed/<config_hash>.json``: why the last run of this config ended without a result."""
+        return self.root / "failed" / f"{key}.json"
+
+    def write_failure(self, record: Dict[str, Any]) -> Path:
+        dst = self.failure_path(record["config_hash"])
+        _write_json(dst, record)
+        return dst
+
+    def set_aside(self, key: str) -> Optional[Path]:
+        """Move an unreadable row out of the way (kept as ``<hash>.json.unreadable``) so the run can redo it."""
+        src = self.path(key)
+        if not src.exists():
+            return None
+        dst = src.with_name(src.name + ".unreadable")
+        os.replace(src, dst)
+        return dst
+
+    def read_file(self, path: Path) -> Dict[str, Any]:
+        """One row file, upgraded to this schema; :class:`UpbenchError` naming the file when it is not a row of ours
+        (not strict JSON, not an object, a newer schema)."""
+        try:
+            row = json.loads(path.read_text(), parse_constant=_reject_constant)
+        except (ValueError, OSError, UnicodeDecodeError) as exc:
+            raise UpbenchError(f"{path}: not a readable result row ({type(exc).__name__})") from None
+        if not isinstance(row, dict) or "task" not in row or "status" not in row:
+            raise UpbenchError(f"{path}: not a result row")
+        try:
+            version = int(row.get("schema", 1))
+        except (TypeError, ValueError):
+            raise UpbenchError(f"{path}: not a result row (schema {row.get('schema')!r})") from None
+        if version > schema.SCHEMA_VERSION:
+            raise UpbenchError(f"{path}: written by a newer upbench (row schema {version} > {schema.SCHEMA_VERSION});"
+                               " upgrade upbench to read it")
+        return schema.upgrade(row)
+
+    def rows(self, warn: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
         """Every readable row, upgraded to this schema.  A file that is not a row of ours (bad JSON, not an object, a
-        newer schema) is skipped with one warning naming it: one bad file never hides the rest."""
+        newer schema) is skipped with one warning naming it (``warn``; default :func:`warnings.warn`): one bad file
+        never hides the rest."""
         if not self.rows_dir.is_dir():
             return []
         out = []
         for p in sorted(self.rows_dir.glob("*.json")):
             try:
-                row = json.loads(p.read_text())
-            except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
-                warnings.warn(f"skipping {p}: not readable JSON ({type(exc).__name__})", stacklevel=2)
-                continue
-            if not isinstance(row, dict) or "task" not in row or "status" not in row:
-                warnings.warn(f"skipping {p}: not a result row", stacklevel=2)
-                continue
-            if int(row.get("schema", 1)) > schema.SCHEMA_VERSION:
-                warnings.warn(f"skipping {p}: written by a newer upbench (row schema {row['schema']} > "
-                              f"{schema.SCHEMA_VERSION}); upgrade upbench to read it", stacklevel=2)
-                continue
-            out.append(schema.upgrade(row))
+                out.append(self.read_file(p))
+            except UpbenchError as exc:
+                msg = f"skipping {exc}"
+                warn(msg) if warn else warnings.warn(msg, stacklevel=2)
         return out
 
 

@@ -18,6 +18,8 @@ same store as ``upbench run``; points with a row are not recomputed.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import subprocess
 import sys
@@ -47,8 +49,17 @@ _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memor
 # ----------------------------------------------------------------------------------------------------------------
 # plan
 # ----------------------------------------------------------------------------------------------------------------
-def _auto(value: Any, default: float) -> float:
-    return float(default) if value in (None, "auto") else float(value)
+def _auto(value: Any, default: float, key: str = "") -> float:
+    """``auto`` / null -> the default; otherwise a positive finite number (one line naming ``key`` if not)."""
+    if value in (None, "auto"):
+        return float(default)
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = float("nan")
+    if isinstance(value, bool) or not math.isfinite(out) or out <= 0:
+        raise UpbenchError(f"{key}={value}: expected a positive number or auto")
+    return out
 
 
 def resolve(cfg: Dict[str, Any], quick: bool = False) -> Dict[str, Any]:
@@ -62,9 +73,9 @@ def resolve(cfg: Dict[str, Any], quick: bool = False) -> Dict[str, Any]:
     device = resolve_device(s.get("device", "auto"))
     s["device"] = str(device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    s["memory_limit_gb"] = _auto(s.get("memory_limit_gb"), defaults["memory_limit_gb"])
-    s["time_limit_s"] = _auto(s.get("time_limit_s"), defaults["time_limit_s"])
-    s["worker_timeout_s"] = _auto(s.get("worker_timeout_s"), max(120.0, 10 * s["time_limit_s"]))
+    s["memory_limit_gb"] = _auto(s.get("memory_limit_gb"), defaults["memory_limit_gb"], "memory_limit_gb")
+    s["time_limit_s"] = _auto(s.get("time_limit_s"), defaults["time_limit_s"], "time_limit_s")
+    s["worker_timeout_s"] = _auto(s.get("worker_timeout_s"), max(120.0, 10 * s["time_limit_s"]), "worker_timeout_s")
     s["threads"] = int(s.get("threads") or torch.get_num_threads())
     for key in ("warmup", "runs"):
         if int(s[key]) < 1:
@@ -81,9 +92,13 @@ def resolve(cfg: Dict[str, Any], quick: bool = False) -> Dict[str, Any]:
     if unknown:
         raise UpbenchError(f"unknown upsampler(s) {', '.join(unknown)}; available: {', '.join(available)}")
     s["upsamplers"] = list(names)
-    sizes = sorted({int(v) for v in s["sizes"]})
+    key = "quick.sizes" if quick and "sizes" in (cfg.get("quick") or {}) else "sizes"
+    if not isinstance(s["sizes"], (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                           for v in s["sizes"]):
+        raise UpbenchError(f"{key}={s['sizes']}: expected a list of image sides in px, e.g. sizes=[224,448]")
+    sizes = sorted(set(s["sizes"]))
     if not sizes or sizes[0] < patch:
-        raise UpbenchError(f"sweep.sizes must be image sides >= the patch size {patch}, got {s['sizes']}")
+        raise UpbenchError(f"{key}={s['sizes']}: expected a non-empty list of image sides >= the patch size {patch}")
     s["sizes"] = sizes
     return s
 
@@ -133,7 +148,7 @@ def upsampler_kwargs(s: Dict[str, Any], name: str) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 def run_sweep(cfg: Dict[str, Any], quick: bool = False, log=None) -> List[Dict[str, Any]]:
     """Run (or reuse) every point; returns the rows of this sweep in plan order."""
-    log = log or (lambda line: print(line, flush=True))
+    log = log or logging.getLogger("upbench").info
     s = resolve(cfg, quick)
     store = results.ResultStore(s["paths"]["results"])
     device = device_label(s["device"])
@@ -161,9 +176,13 @@ def _forks(s: Dict[str, Any]) -> bool:
 
 
 def _run_points(s, store, device, server, rows, log) -> None:
+    from .progress import bar
+
+    points = bar(total=len(s["upsamplers"]) * len(s["sizes"]), desc="sweep points")
     for name in s["upsamplers"]:
         family = getattr(UPSAMPLERS.get(name), "family", "learned")
         for size in s["sizes"]:
+            points.update(1)
             pcfg = point_config(s, name, size, device)
             key = results.config_hash(pcfg)
             if store.exists(key) and not s.get("force"):

@@ -31,7 +31,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
-from .errors import UpbenchError
+from .errors import RunFailed
 
 SCHEMA_VERSION = 2
 STATUSES = ("ok", "failed", "skipped", "time_limit", "oom", "timeout", "error")
@@ -98,8 +98,8 @@ def build_row(cfg: Mapping[str, Any], config_hash: str, status: str, **fields: A
     if status == "ok":
         bad = non_finite(row["metrics"]) or non_finite(row["timing"])
         if bad:
-            raise UpbenchError(f"{row['task']} {row['upsampler']}: {bad} is not a finite number; the run did not give "
-                               "a usable result (diverged?)")
+            raise RunFailed(f"{row['task']} {row['upsampler']}: {bad} is not a finite number; the run did not give "
+                            "a usable result (diverged?)")
     return row
 
 

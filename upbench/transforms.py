@@ -31,4 +31,7 @@ def resize(x: torch.Tensor, size: Tuple[int, int], mode: str = "bilinear", antia
         # PyTorch resizes a contiguous map to width 1 differently from a channels-last one (the former is not the
         # separable filter); the official code sees contiguous maps, so use that layout
         x = x.contiguous()
+    if antialias and x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        # PyTorch's CPU antialiased filter has no reduced-precision kernel: filter in float32, keep the dtype
+        return F.interpolate(x.float(), size=size, mode=mode, align_corners=False, antialias=True).to(x.dtype)
     return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=bool(antialias))

@@ -18,6 +18,7 @@ from torch import nn
 from upbench.errors import UpbenchError
 from upbench.transforms import resize
 
+from .base import use_device_path
 from ._uplift_blocks import _conv, _linear_residual, _residual_auto_, residual_auto
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,8 +260,77 @@ def local_attend_fast(x: torch.Tensor, attn_last: torch.Tensor, offsets: Sequenc
     return _attend(x, _cell_weights(attn_last, H // h, W // w), offsets, H // h, W // w, size, chunk_elems)
 
 
+def local_attend_vectorised(x: torch.Tensor, a_cells: torch.Tensor, offsets: Sequence[Tuple[int, int]], I: int,
+                            J: int) -> torch.Tensor:
+    """The accelerator kernel: the same convex combination with a number of launches that does not depend on the
+    size (about nine), no loop over rows, nothing built on the host and no copies of the neighbours.
+
+    The low-res map is replicate-padded once (channels-last, (B, h+2p, w+2p, C)) and flattened; cell (r, c) of item
+    b is given the flat index t = b*P + r*(w+2p) + c (P = (h+2p)(w+2p)), so that its neighbour (dy, dx) sits at
+    t + (p+dy)*(w+2p) + (p+dx): for every cell at once, a run of neighbours on one row (see :func:`_offset_runs`) is
+    a single strided view, and the run's contribution one batched matmul, (J*I x k) @ (k x C) per cell.  Indices t
+    that fall on padding get zero weights and are dropped.  ``a_cells`` (B, h, w, J*I, n) softmax weights (see
+    :func:`_cell_weights`).  Returns (B, C, h*I, w*J) in channels-last memory format."""
+    B, C, h, w = x.shape
+    n = a_cells.shape[-1]
+    dtype = torch.result_type(a_cells, x)
+    p = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    Hp, Wp = h + 2 * p, w + 2 * p
+    P = Hp * Wp
+    xp = F.pad(x.to(dtype), (p, p, p, p), mode="replicate").permute(0, 2, 3, 1).contiguous()  # B, Hp, Wp, C
+    a = F.pad(a_cells.to(dtype), (0, 0, 0, 0, 0, 2 * p, 0, 2 * p)).view(B * P, J * I, n)  # zero weights on padding
+    T = (B - 1) * P + (h - 1) * Wp + w  # cells up to the last real one; their neighbours stay inside xp
+    out = torch.empty((B * P, J * I, C), dtype=dtype, device=x.device)
+    base = xp.storage_offset()
+    for q, (d0, k, dy, dx0, st) in enumerate(_offset_runs(offsets)):
+        nb = xp.as_strided((T, k, C), (C, st * C, 1), base + ((p + dy) * Wp + p + dx0) * C)
+        if q == 0:
+            torch.bmm(a[:T, :, d0:d0 + k], nb, out=out[:T])
+        else:
+            out[:T].baddbmm_(a[:T, :, d0:d0 + k], nb)
+    cells = out.view(B, Hp, Wp, J, I, C)[:, :h, :w]  # B, h, w, J, I, C
+    hi = cells.permute(0, 1, 4, 2, 3, 5).reshape(B, h * I, w * J, C)  # the one copy: cell-major -> row-major
+    return hi.permute(0, 3, 1, 2)
+
+
+#: Local Attender kernels: ``auto`` (``rows`` on the CPU, ``vectorised`` elsewhere), ``rows`` (:class:`_NeighbourMix`,
+#: the CPU kernel: few live bytes, output resize folded in), ``vectorised`` (:func:`local_attend_vectorised`: a fixed
+#: number of launches, for GPUs), ``compile`` (the vectorised kernel through ``torch.compile``, on CUDA only; elsewhere
+#: it runs as ``vectorised``)
+ATTENDER_KERNELS = ("auto", "rows", "vectorised", "compile")
+
+
+def check_kernel(kernel: str) -> str:
+    k = str(kernel).lower()
+    if k == "eager":
+        k = "vectorised"
+    if k not in ATTENDER_KERNELS:
+        raise UpbenchError(f"UPLiFT: unknown attender kernel {kernel!r} (valid: {', '.join(ATTENDER_KERNELS)}, or "
+                           "eager = vectorised); e.g. upsampler.kwargs.kernel=vectorised")
+    return k
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_vectorised():
+    return torch.compile(local_attend_vectorised, dynamic=True)
+
+
+def resolve_kernel(kernel: str, x: torch.Tensor) -> str:
+    """The kernel that actually runs for ``kernel`` on ``x``'s device (see :func:`.base.use_device_path`)."""
+    if kernel == "auto":
+        return "vectorised" if use_device_path(x) else "rows"
+    if kernel == "compile" and x.device.type != "cuda":
+        return "vectorised"
+    return kernel
+
+
 def _attend(x: torch.Tensor, a_cells: torch.Tensor, offsets: Sequence[Tuple[int, int]], I: int, J: int,
-            size: Optional[Tuple[int, int]], chunk_elems: int = _CELL_BLOCK_ELEMS) -> torch.Tensor:
+            size: Optional[Tuple[int, int]], chunk_elems: int = _CELL_BLOCK_ELEMS, kernel: str = "auto") -> torch.Tensor:
+    kernel = resolve_kernel(kernel, x)
+    if kernel != "rows":
+        fn = _compiled_vectorised() if kernel == "compile" else local_attend_vectorised
+        y = fn(x, a_cells, offsets, I, J)
+        return y if size is None else _resize_bilinear_aa(y, size)
     mix = _NeighbourMix(x, a_cells, offsets)
     if size is None or tuple(size) == (x.shape[-2] * I, x.shape[-1] * J):
         return mix.full(I, J, chunk_elems)
@@ -273,8 +343,10 @@ class LocalAttender(nn.Module):
     """Logits = Conv1x1(guide) + guide[:, :n]; softmax over the n neighbours; convex combination of the
     replication-padded low-res neighbours of each high-res pixel's parent cell."""
 
-    def __init__(self, in_channels: int, num_connected: int = 17, conv_res: bool = True, low_mem: bool = False):
+    def __init__(self, in_channels: int, num_connected: int = 17, conv_res: bool = True, low_mem: bool = False,
+                 kernel: str = "auto"):
         super().__init__()
+        self.kernel = check_kernel(kernel)
         self.offsets = attender_offsets(num_connected)
         self.n = num_connected
         self.conv_res = conv_res
@@ -301,7 +373,7 @@ class LocalAttender(nn.Module):
         z = self.logits(guide, fast)
         if fast:
             a = torch.softmax(_cell_weights(z.permute(0, 2, 3, 1), H // h, W // w), dim=-1)
-            return _attend(x, a, self.offsets, H // h, W // w, size)
+            return _attend(x, a, self.offsets, H // h, W // w, size, kernel=self.kernel)
         return local_attend_reference(x, torch.softmax(z, dim=1), self.offsets)
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upbench.checkpoints import WeightSource
+from upbench.checkpoints import PretrainedCfg, WeightSource
 from upbench.errors import UpbenchError
 
 from . import register
@@ -19,6 +19,7 @@ from .base import Upsampler
 from .layers import CrossAttentionBlock, HeadAveragedAttention, PooledCrossAttentionUpsampler, ResBlock, RoPE, conv
 
 _RELEASE = "https://github.com/wimmerth/anyup/releases/download/"
+PAPER = "https://arxiv.org/abs/2510.12764"
 
 
 def make_encoder(first: nn.Module, dim: int) -> nn.Sequential:
@@ -102,18 +103,27 @@ class AnyUp(PooledCrossAttentionUpsampler, Upsampler):
     family = "cross-attention"
 
     official_methods = ("AnyUp",)
-    pretrained_sources: Dict[str, WeightSource] = {
-        "anyup_paper": WeightSource(url=_RELEASE + "checkpoint/anyup_paper.pth", licence="CC-BY-4.0",
-                                    notes="paper model, trained on DINOv2 ViT-S/14 features; plain state dict"),
-        "anyup_multi_backbone": WeightSource(
-            url=_RELEASE + "checkpoint_v2/anyup_multi_backbone.pth", licence="CC-BY-4.0",
-            notes="trained on DINOv2-S, DINOv2-S-reg, CLIP-B, SigLIP-B and ViT-B features; plain state dict"),
+    pretrained_cfgs: Dict[str, PretrainedCfg] = {
+        # channel-agnostic: in_channels None (any); both work with any backbone's features
+        "anyup_paper": PretrainedCfg(
+            "anyup_paper", "vit_small_patch14_dinov2.lvd142m", None, 14,
+            WeightSource(url=_RELEASE + "checkpoint/anyup_paper.pth", licence="CC-BY-4.0",
+                         notes="paper model, trained on DINOv2 ViT-S/14 features; plain state dict"),
+            PAPER, backbone_aliases=("dinov2_s14", "dinov2_vits14")),
+        "anyup_multi_backbone": PretrainedCfg(
+            "anyup_multi_backbone", None, None, None,
+            WeightSource(url=_RELEASE + "checkpoint_v2/anyup_multi_backbone.pth", licence="CC-BY-4.0",
+                         notes="trained on DINOv2-S, DINOv2-S-reg, CLIP-B, SigLIP-B and ViT-B features; "
+                               "plain state dict"),
+            PAPER, notes="trained on several backbones (DINOv2-S, DINOv2-S-reg, CLIP-B, SigLIP-B, ViT-B): pick it "
+                         "with weights='anyup_multi_backbone'"),
     }
+    pretrained_sources: Dict[str, WeightSource] = {name: cfg.source for name, cfg in pretrained_cfgs.items()}
 
     def __init__(self, in_channels: Optional[int] = None, patch_size: Optional[int] = None, input_dim: int = 3,
                  qk_dim: int = 128, kernel_size: int = 1, kernel_size_lfu: int = 5, window_ratio: float = 0.1,
                  num_heads: int = 4, lfu_dim: Optional[int] = None, q_chunk_size: Optional[int] = None,
-                 init_gaussian_derivatives: bool = False, use_natten: bool = False, **_: Any):
+                 init_gaussian_derivatives: bool = False, use_natten: bool = False):
         super().__init__()
         if use_natten:
             raise UpbenchError("anyup: the NATTEN variant (use_natten=True) is not implemented; "

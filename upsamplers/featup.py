@@ -16,38 +16,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upbench.checkpoints import WeightSource
+from upbench.checkpoints import PretrainedCfg, WeightSource
 from upbench.errors import UpbenchError
 from upbench.transforms import resize
 
 from . import register
 from .base import Upsampler, as_size
+from .layers import reflect_pad
 
 _URL = "https://marhamilresearch4.blob.core.windows.net/feature-upsampling-public/pretrained/{sub}{name}_jbu_stack_cocostuff.ckpt"
-# backbone name -> (feature channels, backbone description); maskclip exists without ChannelNorm only
+PAPER = "https://arxiv.org/abs/2403.10516"
+# FeatUp hub backbone name -> (feature channels, patch size (None: not a ViT), description, the backbone's name in
+# PretrainedCfg (a timm name where FeatUp's features are timm's), other names); maskclip exists without ChannelNorm
 _BACKBONES = {
-    "vit": (384, "timm ViT-S/16 (vit_small_patch16_224)"),
-    "dino16": (384, "DINO ViT-S/16"),
-    "clip": (512, "CLIP ViT-B/16"),
-    "dinov2": (384, "DINOv2 ViT-S/14"),
-    "resnet50": (2048, "ResNet-50"),
-    "maskclip": (512, "MaskCLIP ViT-B/16"),
+    "dinov2": (384, 14, "DINOv2 ViT-S/14", "vit_small_patch14_dinov2.lvd142m", ("dinov2_s14", "dinov2_vits14")),
+    "vit": (384, 16, "timm ViT-S/16 (vit_small_patch16_224)", "vit_small_patch16_224", ()),
+    "dino16": (384, 16, "DINO ViT-S/16", "dino16", ()),
+    "clip": (512, 16, "CLIP ViT-B/16", "clip", ()),
+    "resnet50": (2048, None, "ResNet-50", "resnet50", ()),
+    "maskclip": (512, 16, "MaskCLIP ViT-B/16", "maskclip", ()),
 }
 
 
-def _sources() -> Dict[str, WeightSource]:
-    out: Dict[str, WeightSource] = {}
-    for name, (channels, desc) in _BACKBONES.items():
+def _cfgs() -> Dict[str, PretrainedCfg]:
+    out: Dict[str, PretrainedCfg] = {}
+    for name, (channels, patch, desc, backbone, aliases) in _BACKBONES.items():
         variants = [(f"{name}_no_norm", "no_norm/", False)]
         if name != "maskclip":
             variants.insert(0, (name, "", True))
         for key, sub, norm in variants:
-            out[key] = WeightSource(
+            source = WeightSource(
                 url=_URL.format(sub=sub, name=name),
                 licence="MIT (mhamilton723/FeatUp)",
                 notes=(f"JBUStack trained on COCO-Stuff for the hub backbone '{name}' ({desc}, C={channels}); "
                        f"build with in_channels={channels}, use_norm={norm}"),
             )
+            out[key] = PretrainedCfg(key, backbone, channels, patch, source, PAPER, kwargs={"use_norm": norm},
+                                     backbone_aliases=tuple(dict.fromkeys(aliases + ((name,) if name != backbone
+                                                                                      else ()))),
+                                     notes=f"FeatUp hub backbone '{name}' ({desc})")
     return out
 
 
@@ -122,7 +129,7 @@ class JBULearnedRange(nn.Module):
         _, _, h, w = guidance.shape
         r, d = self.radius, self.diameter
         proj = self.range_proj(guidance)
-        padded = F.pad(proj, [r, r, r, r], mode="reflect")
+        padded = reflect_pad(proj, (r, r, r, r))
         logits = torch.stack([(padded[:, :, i:i + h, j:j + w] * proj).sum(1)
                               for i in range(d) for j in range(d)], dim=1)
         temp = self.range_temp.exp().clamp_min(1e-4).clamp_max(1e4)
@@ -147,7 +154,7 @@ class JBULearnedRange(nn.Module):
         r = self.radius
         kernel = self.kernel(guidance)
         hr = F.interpolate(source, size=(h, w), mode="bicubic", align_corners=False)
-        return adaptive_conv(F.pad(hr, [r, r, r, r], mode="reflect"), kernel)
+        return adaptive_conv(reflect_pad(hr, (r, r, r, r)), kernel)
 
 
 # ----------------------------------------------------------------------------- the upsampler
@@ -162,13 +169,14 @@ class FeatUpJBU(Upsampler):
     """
 
     official_methods = ("FeatUp-JBU",)
-    pretrained_sources = _sources()
+    pretrained_cfgs = _cfgs()
+    pretrained_sources = {name: cfg.source for name, cfg in pretrained_cfgs.items()}
     checkpoint_prefixes = ("module.",)
     checkpoint_strict = True  # training-only / featurizer keys are dropped explicitly in convert_official_state_dict
     stage_names = ("stage1_2x", "stage2_4x", "stage3_8x", "stage4_16x")
 
     def __init__(self, in_channels: int = 384, use_norm: bool = False, key_dim: int = 32, radius: int = 3,
-                 guidance_dim: int = 3, patch_size: Optional[int] = None, **_: Any):
+                 guidance_dim: int = 3, patch_size: Optional[int] = None):
         super().__init__()
         self.in_channels = int(in_channels)
         self.use_norm = bool(use_norm)

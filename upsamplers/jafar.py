@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upbench.checkpoints import WeightSource
+from upbench.checkpoints import PretrainedCfg, WeightSource
 from upbench.errors import UpbenchError
 
 from . import register
@@ -17,16 +17,23 @@ from .base import Upsampler
 from .layers import CrossAttentionBlock, HeadAveragedAttention, PooledCrossAttentionUpsampler, ResBlock, RoPE, conv
 
 _RELEASE = "https://github.com/PaulCouairon/JAFAR/releases/download/Weights/{}.pth"
-#: timm backbone names with a released JAFAR checkpoint (README of PaulCouairon/JAFAR)
-JAFAR_BACKBONES = (
-    "vit_small_patch14_dinov2.lvd142m",
-    "vit_base_patch14_dinov2.lvd142m",
-    "vit_small_patch14_reg4_dinov2",
-    "vit_base_patch16_224",
-    "vit_base_patch16_224.dino",
-    "vit_base_patch16_clip_384",
-    "vit_base_patch16_siglip_512.v2_webli",
-)
+PAPER = "https://arxiv.org/abs/2506.11136"
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+#: timm backbone names with a released JAFAR checkpoint (README of PaulCouairon/JAFAR): (channels, patch, the
+#: image normalisation = that backbone's timm data config, which JAFAR's probe feeds to backbone and upsampler alike,
+#: other names of the same timm weights)
+_BACKBONES = {
+    "vit_small_patch14_dinov2.lvd142m": (384, 14, _IMAGENET, ("dinov2_s14",)),
+    "vit_base_patch14_dinov2.lvd142m": (768, 14, _IMAGENET, ()),
+    "vit_small_patch14_reg4_dinov2": (384, 14, _IMAGENET, ("vit_small_patch14_reg4_dinov2.lvd142m",)),
+    "vit_base_patch16_224": (768, 16, _HALF, ("vit_base_patch16_224.augreg2_in21k_ft_in1k",)),
+    "vit_base_patch16_224.dino": (768, 16, _IMAGENET, ()),
+    "vit_base_patch16_clip_384": (768, 16, _CLIP, ("vit_base_patch16_clip_384.laion2b_ft_in12k_in1k",)),
+    "vit_base_patch16_siglip_512.v2_webli": (768, 16, _HALF, ()),
+}
+JAFAR_BACKBONES = tuple(_BACKBONES)
 
 
 def make_encoder(in_ch: int, dim: int, kernel_size: int = 1) -> nn.Sequential:
@@ -72,15 +79,19 @@ class JAFAR(PooledCrossAttentionUpsampler, Upsampler):
 
     official_methods = ("JAFAR",)
     checkpoint_wrappers = ("jafar",)
-    pretrained_sources: Dict[str, WeightSource] = {
-        name: WeightSource(url=_RELEASE.format(name), licence="Apache-2.0",
-                           notes=f"JAFAR trained on timm '{name}' features; checkpoint dict key 'jafar'")
-        for name in JAFAR_BACKBONES
+    pretrained_cfgs: Dict[str, PretrainedCfg] = {
+        name: PretrainedCfg(
+            name, name, c, p,
+            WeightSource(url=_RELEASE.format(name), licence="Apache-2.0",
+                         notes=f"JAFAR trained on timm '{name}' features; checkpoint dict key 'jafar'"),
+            PAPER, image_mean=norm[0], image_std=norm[1], backbone_aliases=aliases)
+        for name, (c, p, norm, aliases) in _BACKBONES.items()
     }
+    pretrained_sources: Dict[str, WeightSource] = {name: cfg.source for name, cfg in pretrained_cfgs.items()}
 
     def __init__(self, in_channels: int = 384, patch_size: Optional[int] = None, input_dim: int = 3,
                  qk_dim: int = 128, kernel_size: int = 1, num_heads: int = 4,
-                 q_chunk_size: Optional[int] = None, **_: Any):
+                 q_chunk_size: Optional[int] = None):
         super().__init__()
         self.in_channels, self.qk_dim, self.q_chunk_size = in_channels, qk_dim, q_chunk_size
         self.image_encoder = make_encoder(input_dim, qk_dim, kernel_size)

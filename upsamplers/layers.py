@@ -11,9 +11,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import as_size
+from .base import as_size, query_chunk, use_device_path
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _reflect_index(n: int, pad_before: int, pad_after: int, device) -> torch.Tensor:
+    """Source index of every padded position along a side of ``n``: repeated reflection (period 2(n-1), as
+    ``numpy.pad(mode="reflect")``); a side of 1 is repeated."""
+    i = torch.arange(-pad_before, n + pad_after, device=device)
+    if n == 1:
+        return torch.zeros_like(i)
+    period = 2 * (n - 1)
+    i = i.remainder(period)
+    return torch.where(i < n, i, period - i)
+
+
+def reflect_pad(x: torch.Tensor, pad: Tuple[int, int, int, int]) -> torch.Tensor:
+    """``F.pad(x, pad, mode="reflect")`` of a (B, C, H, W) map (pad = left, right, top, bottom) that also works when
+    a pad is as large as its side (feature grids of 1 or 2 cells), where PyTorch refuses: it then reflects
+    repeatedly.  Identical to ``F.pad`` whenever ``F.pad`` works."""
+    left, right, top, bottom = pad
+    h, w = x.shape[-2:]
+    if max(left, right) < w and max(top, bottom) < h:
+        return F.pad(x, [left, right, top, bottom], mode="reflect")
+    x = x.index_select(-1, _reflect_index(w, left, right, x.device))
+    return x.index_select(-2, _reflect_index(h, top, bottom, x.device))
+
+
+class ReflectConv2d(nn.Conv2d):
+    """``nn.Conv2d(padding_mode="reflect")`` (same parameters and state-dict keys) whose padding also works on maps
+    no larger than the padding (see :func:`reflect_pad`)."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ph, pw = self.padding   # "same" padding, symmetric
+        return F.conv2d(reflect_pad(input, (pw, pw, ph, ph)), weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
 def conv(in_ch: int, out_ch: int, kernel_size: int = 1, padding_mode: str = "reflect", bias: bool = False) -> nn.Conv2d:
@@ -21,6 +53,8 @@ def conv(in_ch: int, out_ch: int, kernel_size: int = 1, padding_mode: str = "ref
     (A 1x1 conv has no padding, so its padding mode is irrelevant; "zeros" skips a no-op pad copy.)"""
     if kernel_size // 2 == 0:
         padding_mode = "zeros"
+    if padding_mode == "reflect":
+        return ReflectConv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, padding_mode="reflect", bias=bias)
     return nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, padding_mode=padding_mode, bias=bias)
 
 
@@ -273,6 +307,9 @@ class CrossAttentionBlock(nn.Module):
         q = attn.attention.project_queries(attn.norm_q(self.conv2d(query).flatten(2).transpose(1, 2)))
         k = attn.attention.project_keys(attn.norm_k(key.flatten(2).transpose(1, 2)))
         v = value.flatten(2).transpose(1, 2)
+        if use_device_path(q):
+            out = self._attend_fused(q, k, v, (hq, wq), (h, w), q_chunk_size)
+            return out.transpose(1, 2).reshape(b, c, hq, wq)
         if q_chunk_size is None:
             q_chunk_size = default_chunk(hq * wq, b, attn.attention.num_heads, h * w)
 
@@ -282,3 +319,28 @@ class CrossAttentionBlock(nn.Module):
 
         out = attend(q, v, weights, q_chunk_size)
         return out.transpose(1, 2).reshape(b, c, hq, wq)
+
+    def _attend_fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_size: Tuple[int, int],
+                      in_size: Tuple[int, int], chunk: Optional[int]) -> torch.Tensor:
+        """Accelerator path.  Head-averaged weights applied to shared values equal the head average of per-head
+        attention outputs, ``mean_h(softmax(q_h k_h^T)) v = mean_h(softmax(q_h k_h^T) v)``, so one fused
+        ``scaled_dot_product_attention`` call (queries already scaled) replaces the explicit weights: the
+        (queries x keys) logits are never stored, and the queries are split only when even that does not fit in
+        free device memory.  q (B, heads, Nq, d), k (B, heads, Nk, d), v (B, Nk, C) -> (B, Nq, C)."""
+        b, heads, nq, _ = q.shape
+        nk, c = v.shape[1], v.shape[2]
+        vh = v[:, None].expand(b, heads, nk, c)
+        per_query = (3 * heads * c + (nk if self.mask is not None else 0) + heads * nk) * q.element_size() * b
+        if chunk is None:   # 0: one piece, as the official code runs it
+            chunk = query_chunk(nq, per_query, q.device)
+        out = None
+        for start, stop in chunked(nq, chunk):
+            rows = slice(start, stop)
+            allowed = None if self.mask is None else ~self.mask(out_size, in_size, q.device, rows)
+            o = F.scaled_dot_product_attention(q[:, :, rows], k, vh, attn_mask=allowed, scale=1.0).mean(1)
+            if start == 0 and stop == nq:
+                return o
+            if out is None:
+                out = v.new_empty(b, nq, c)
+            out[:, rows] = o
+        return out

@@ -20,28 +20,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upbench.checkpoints import WeightSource
+from upbench.checkpoints import PretrainedCfg, WeightSource
 from upbench.errors import UpbenchError
 from upbench.transforms import resize
 
 from . import register
 from .base import Upsampler, as_size
 
-_DRIVE_NOTE = ("official LiFT release file '{file}' ({desc}; DINO v1 last-layer *key* features, C={c}, patch {p}). "
-               "It is only on Google Drive (link in the README of https://github.com/saksham-s/lift), with no stable "
-               "direct URL: download it by hand and pass the local path as weights (e.g. weights=/path/{file}); "
-               "build with in_channels={c}, patch_size={p}")
+_DRIVE_NOTE = ("official LiFT release file '{file}' ({desc}; DINO v1 last-layer *key* features, C={c}, patch {p}) "
+               "is only on Google Drive (link in the README of https://github.com/saksham-s/lift), with no stable "
+               "direct URL: download it by hand and build with in_channels={c}, patch_size={p}")
 
 
-def _sources() -> Dict[str, WeightSource]:
+PAPER = "https://arxiv.org/abs/2403.14625"
+
+
+def _cfgs() -> Dict[str, PretrainedCfg]:
+    """The official releases; the backbone names are those of facebookresearch/dino's torch.hub entries, and the
+    features are that ViT's last-layer *key* facet (not its output tokens)."""
     table = {
         "dino_vits16": ("lift_dino_vits16.pth", "DINO ViT-S/16", 384, 16),
         "dino_vits8": ("lift_dino_vits8.pth", "DINO ViT-S/8", 384, 8),
         "dino_vitb16": ("lift_dino_vitb16.pth", "DINO ViT-B/16", 768, 16),
         "dino_vitb8": ("lift_dino_vitb8.pth", "DINO ViT-B/8", 768, 8),
     }
-    return {name: WeightSource(url=None, licence="MIT (saksham-s/lift)",
-                               notes=_DRIVE_NOTE.format(file=f, desc=d, c=c, p=p))
+    return {name: PretrainedCfg(name, name, c, p, WeightSource(url=None, licence="MIT (saksham-s/lift)",
+                                                                notes=_DRIVE_NOTE.format(file=f, desc=d, c=c, p=p)),
+                                PAPER, notes=f"{d} last-layer key features; Google Drive only (download by hand)")
             for name, (f, d, c, p) in table.items()}
 
 
@@ -97,14 +102,18 @@ class LiFT(Upsampler):
 
     iterative = True
     official_methods = ("LiFT", "LiFT-loftup14")
-    pretrained_sources = _sources()
+    pretrained_cfgs = _cfgs()
+    pretrained_sources = {name: cfg.source for name, cfg in pretrained_cfgs.items()}
     checkpoint_prefixes = ("module.",)
     checkpoint_strict = True
     image_channels = 32
 
-    def __init__(self, in_channels: int = 384, patch_size: int = 16, variant: Optional[str] = None, **_: Any):
+    def __init__(self, in_channels: int = 384, patch_size: int = 16, variant: Optional[str] = None):
         super().__init__()
         c, ic = int(in_channels), self.image_channels
+        if c < 2:
+            raise UpbenchError(f"LiFT: in_channels must be at least 2 (its decoder has in_channels // 2 channels), "
+                               f"got {c}")
         self.in_channels = c
         self.patch_size = int(patch_size)
         self.variant = _variant_for(self.patch_size, variant)

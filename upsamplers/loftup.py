@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upbench.checkpoints import WeightSource
+from upbench.checkpoints import PretrainedCfg, WeightSource
 from upbench.errors import UpbenchError
 
 from . import register
-from .base import Upsampler, as_size
+from .base import Upsampler, as_size, query_chunk, use_device_path
 from .layers import LayerNorm2d
 
 _MINMAX_MODES = ("batch", "sample")
@@ -178,8 +178,14 @@ class CATransformer(nn.Module):
         )
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, q_chunk_size: Optional[int] = None) -> torch.Tensor:
+        """``q_chunk_size``: None = automatic (16384 queries on the CPU; on accelerators as many as fit in half
+        the free memory, usually all of them); 0 = one piece."""
         kvs = [attn.project_kv(kv) for attn, _ in self.layers]
         n = q.shape[1]
+        if q_chunk_size is None:
+            # per query: a few (D)-vectors per layer (norms, projections, attention output, FFN hidden) kept live
+            per_query = 8 * q.shape[2] * q.element_size() * q.shape[0]
+            q_chunk_size = query_chunk(n, per_query, q.device) if use_device_path(q) else 16384
         if not q_chunk_size or q_chunk_size >= n:
             return self._run(q, kvs)
         return torch.cat([self._run(q[:, i:i + q_chunk_size], kvs) for i in range(0, n, q_chunk_size)], dim=1)
@@ -235,10 +241,27 @@ class LoftUpCore(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- the adapter
+PAPER = "https://arxiv.org/abs/2504.14032"
+
+
 def _hf(repo: str, dim: int, lr_size: int) -> WeightSource:
-    return WeightSource(hf_repo=repo, hf_file="pytorch_model.bin", licence="see the repository (andrehuang/loftup)",
+    return WeightSource(hf_repo=repo, hf_file="pytorch_model.bin", licence="unstated (see andrehuang/loftup)",
                         notes=f"UpsamplerwithChannelNorm(LoftUp({dim}, lr_pe_type='sine', lr_size={lr_size}), "
                               f"ChannelNorm({dim})); in_channels={dim}")
+
+
+# hub entry -> (C, lr_size, the backbone: a timm name for the DINOv2 family (LoftUp loads it through torch.hub's
+# facebookresearch/dinov2 entry, the same weights), else LoftUp's own featurizer name; patch size (None: not stated);
+# other names of the backbone)
+_ENTRIES = {
+    "loftup_dinov2s": (384, 16, "vit_small_patch14_dinov2.lvd142m", 14, ("dinov2_s14", "dinov2_vits14")),
+    "loftup_dinov2s_reg": (384, 16, "vit_small_patch14_reg4_dinov2.lvd142m", 14, ("dinov2_vits14_reg",)),
+    "loftup_dinov2b": (768, 14, "vit_base_patch14_dinov2.lvd142m", 14, ("dinov2_vitb14",)),
+    "loftup_dinov2b_reg": (768, 14, "vit_base_patch14_reg4_dinov2.lvd142m", 14, ("dinov2_vitb14_reg",)),
+    "loftup_clip": (512, 14, "clip", None, ()),
+    "loftup_siglip": (768, 14, "siglip", None, ()),
+    "loftup_siglip2": (768, 14, "siglip2", None, ()),
+}
 
 
 @register("loftup")
@@ -249,31 +272,31 @@ class LoftUp(Upsampler):
     ``output_size`` when it differs, then the official ``(features, image)`` call runs; the result has exactly
     ``output_size``.  ``minmax="batch"`` (default, official) scales colours with batch-wide statistics;
     ``minmax="sample"`` makes every sample independent of its batch mates.  ``q_chunk_size`` bounds the memory of
-    the global cross-attention (queries are processed in chunks; the result does not change); ``None`` or 0 means
-    no chunking.
+    the global cross-attention (queries are processed in chunks; the result does not change); ``None`` (default)
+    sizes the chunks automatically (16384 queries on the CPU, by free memory on accelerators), 0 means one piece.
     """
 
     family = "cross-attention"
 
     official_methods = ("LoftUp",)
-    pretrained_sources: Dict[str, WeightSource] = {
-        "loftup_dinov2s": _hf("haiwen/loftup-dinov2s", 384, 16),
-        "loftup_dinov2s_reg": _hf("haiwen/loftup-dinov2s_reg", 384, 16),
-        "loftup_dinov2b": _hf("haiwen/loftup-dinov2b", 768, 14),
-        "loftup_dinov2b_reg": _hf("haiwen/loftup-dinov2b_reg", 768, 14),
-        "loftup_clip": _hf("haiwen/loftup-clip", 512, 14),
-        "loftup_siglip": _hf("haiwen/loftup-siglip", 768, 14),
-        "loftup_siglip2": _hf("haiwen/loftup-siglip2", 768, 14),
+    pretrained_cfgs: Dict[str, PretrainedCfg] = {
+        name: PretrainedCfg(name, backbone, c, patch, _hf("haiwen/" + name.replace("_", "-", 1), c, lr),
+                            PAPER, kwargs={"lr_size": lr}, backbone_aliases=aliases)
+        for name, (c, lr, backbone, patch, aliases) in _ENTRIES.items()
     }
+    pretrained_sources: Dict[str, WeightSource] = {name: cfg.source for name, cfg in pretrained_cfgs.items()}
     checkpoint_prefixes = ("module.",)
     checkpoint_strict = True
 
     def __init__(self, in_channels: int = 384, patch_size: Optional[int] = 14, n_freqs: int = 20,
                  num_heads: int = 4, num_layers: int = 2, lr_pe_type: str = "sine", lr_size: int = 16,
-                 minmax: str = "batch", q_chunk_size: Optional[int] = 16384, color_feats: bool = True,
-                 num_conv_layers: int = 1, resize_mode: str = "bilinear", **_: Any):
+                 minmax: str = "batch", q_chunk_size: Optional[int] = None, color_feats: bool = True,
+                 num_conv_layers: int = 1, resize_mode: str = "bilinear"):
         super().__init__()
         self.in_channels = int(in_channels)
+        if (self.in_channels + 20) % num_heads:
+            raise UpbenchError(f"loftup: in_channels + 20 (the tokens carry 20 positional channels) must be a multiple "
+                               f"of num_heads={num_heads}; got in_channels={self.in_channels}")
         self.patch_size = patch_size
         self.q_chunk_size = q_chunk_size
         self.resize_mode = resize_mode
@@ -333,7 +356,7 @@ class LoftUp(Upsampler):
         known = {"color_feats", "n_freqs", "num_heads", "num_layers", "num_conv_layers", "lr_size", "lr_pe_type"}
         kwargs = {k: v for k, v in args.items() if k in known}
         # the official module runs the attention in one piece
-        return cls(in_channels=dim, q_chunk_size=None, **kwargs)
+        return cls(in_channels=dim, q_chunk_size=0, **kwargs)
 
     def run_official(self, method: str, inputs: Mapping[str, Any], constructor: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
         return {"output": self.official_forward(inputs["features"], inputs["image"])}

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from upbench.checkpoints import WeightSource
+from upbench.checkpoints import PretrainedCfg, WeightSource
 from upbench.dtypes import parse_dtype
 from upbench.errors import UpbenchError
 
@@ -44,7 +44,7 @@ from ._uplift_blocks import (BlockGroup, UPLiFTDecoder, UPLiFTEncoder, _conv, no
 from .base import Upsampler, as_size
 
 CONFIG_DIR = Path(__file__).with_name("uplift_configs")
-CONFIG_NAMES = ("uplift_dinov2-s14", "uplift_dinov3-splus16", "uplift_sd1.5vae")
+CONFIG_NAMES = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))   # the bundled architecture configs
 DEFAULT_CONFIG_FOR_PATCH = {14: "uplift_dinov2-s14", 16: "uplift_dinov3-splus16", 8: "uplift_sd1.5vae"}
 
 
@@ -78,7 +78,7 @@ def load_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str,
             stem = name[:-5] if name.endswith(".yaml") else name
             path = CONFIG_DIR / f"{stem}.yaml"
         if not path.is_file():
-            raise UpbenchError(f"UPLiFT: unknown config '{name}' (neither a file nor one of {', '.join(CONFIG_NAMES)})")
+            raise UpbenchError(f"UPLiFT: unknown arch '{name}' (neither a file nor one of {', '.join(CONFIG_NAMES)})")
         import yaml
 
         with open(path, "r", encoding="utf-8") as fh:
@@ -92,20 +92,45 @@ def load_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Dict[str,
     return data
 
 
+PAPER = "https://arxiv.org/abs/2601.17950"
+
+
 def _hf(name: str) -> WeightSource:
     return WeightSource(hf_repo=f"UPLiFT-upsampler/{name}", hf_file=f"{name}.safetensors", licence="MIT",
                         notes=f"official UPLiFT release ({name}); plain safetensors state_dict, strict load")
+
+
+PRETRAINED = {
+    "uplift_dinov2-s14": PretrainedCfg(
+        "uplift_dinov2-s14", "vit_small_patch14_dinov2.lvd142m", 384, 14, _hf("uplift_dinov2-s14"), PAPER,
+        kwargs={"arch": "uplift_dinov2-s14"}, backbone_aliases=("dinov2_s14",)),
+    "uplift_dinov3-splus16": PretrainedCfg(
+        "uplift_dinov3-splus16", "vit_small_plus_patch16_dinov3.lvd1689m", 384, 16, _hf("uplift_dinov3-splus16"),
+        PAPER, kwargs={"arch": "uplift_dinov3-splus16"}, backbone_aliases=("dinov3_splus16",)),
+    # trained here for the `demo` backbone (EfficientNet-Lite0 blocks.4, C=112, stride 16); see README
+    "demo": PretrainedCfg(
+        "demo", "demo", 112, 16, WeightSource(package_file="uplift_demo.safetensors", licence="MIT",
+                                              notes="upbench train on builtin:skimage photos; for backbone=demo only"),
+        PAPER, kwargs={"arch": "uplift_dinov3-splus16"},
+        notes="trained by upbench for its offline demo backbone (EfficientNet-Lite0 blocks.4)"),
+    # SD1.5 VAE latents; the guidance image is raw RGB in [0, 1]
+    "uplift_sd1.5vae": PretrainedCfg(
+        "uplift_sd1.5vae", "stable-diffusion-v1-5/stable-diffusion-v1-5", 4, 8, _hf("uplift_sd1.5vae"), PAPER,
+        image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0), kwargs={"arch": "uplift_sd1.5vae"},
+        backbone_aliases=("sd15_vae",), notes="Stable Diffusion 1.5 VAE latents (4 channels, stride 8)"),
+}
 
 
 @register("uplift")
 class UPLiFT(Upsampler):
     """UPLiFT with the official module layout.
 
-    ``UPLiFT(in_channels=384, patch_size=14, config=None, iters=None, low_mem=False, dtype=None,
-    image_mean=None, image_std=None, fast=True, compute_dtype=None)``
+    ``UPLiFT(in_channels=384, patch_size=14, arch=None, iters=None, low_mem=False, dtype=None,
+    image_mean=None, image_std=None, fast=True, compute_dtype=None, attender=None, kernel="auto")``
 
-    * ``config``: a config name (``uplift_dinov2-s14``, ``uplift_dinov3-splus16``, ``uplift_sd1.5vae``), a YAML path,
-      or a mapping (a whole config or just its ``uplift:`` section).  Default: chosen from ``patch_size``.
+    * ``arch``: an architecture config name (``uplift_dinov2-s14``, ``uplift_dinov3-splus16``, ``uplift_sd1.5vae``,
+      ``uplift_vae_small``), a YAML path, or a mapping (a whole config or just its ``uplift:`` section).  Default:
+      chosen from ``patch_size``.  (Formerly ``config``, a name ``save_pretrained`` reserves.)
     * ``iters``: fixed number of 2x steps for :meth:`forward`; ``None`` picks it from the requested output size.
     * ``image_mean`` / ``image_std``: the normalisation the guidance image must carry (ImageNet for DINO backbones;
       the official code uses 0.5 / 0.5 for non-DINO timm backbones).
@@ -113,6 +138,10 @@ class UPLiFT(Upsampler):
       row-by-row attender with the output resize folded in; same numbers, see the module docstring).
     * ``attender``: the Local Attender's neighbourhood (5, 9, 13, 17 or 25; ``none``: no attender, the ablation of
       UPLiFT Table 7), overriding the config's; for ablations trained from scratch.
+    * ``kernel``: the Local Attender's inference kernel: ``auto`` (default: ``rows`` on the CPU, ``vectorised`` on
+      GPUs), ``rows`` (row by row, the output resize folded in: fewest bytes, many small ops), ``vectorised`` (a
+      fixed number of launches at any size, no host work: for GPUs), ``compile`` (``vectorised`` through
+      ``torch.compile``, CUDA only; elsewhere it runs as ``vectorised``).  All give the same numbers (fp32, 1e-5).
     * ``compute_dtype``: opt-in reduced precision for that path, e.g. ``"bfloat16"``: the encoder and decoder
       (convolutions, ~85% of the time) run in it, while the attender's logits, softmax and mix stay in the
       features' precision, as does the output.  ``None`` (default): the parameters' dtype throughout.
@@ -123,32 +152,25 @@ class UPLiFT(Upsampler):
 
     official_methods = ("UPLiFT",)
     iterative = True
-    pretrained_sources = {
-        "uplift_dinov2-s14": _hf("uplift_dinov2-s14"),
-        "uplift_dinov3-splus16": _hf("uplift_dinov3-splus16"),
-        "uplift_sd1.5vae": _hf("uplift_sd1.5vae"),
-        # trained here for the `demo` backbone (EfficientNet-Lite0 blocks.4, C=112, stride 16); see README
-        "demo": WeightSource(package_file="uplift_demo.safetensors", licence="MIT",
-                             notes="upbench train on builtin:skimage photos; for backbone=demo only"),
-    }
+    pretrained_cfgs = {tag: PRETRAINED[tag] for tag in ("uplift_dinov2-s14", "uplift_dinov3-splus16", "demo")}
+    pretrained_sources = {tag: cfg.source for tag, cfg in PRETRAINED.items()}
+    renamed_arguments = {"config": "arch", "cfg": "arch"}
     checkpoint_prefixes = ("module.", "model.", "uplift.")
     checkpoint_wrappers = ("state_dict_ema", "state_dict", "model", "module", "net", "params")
     default_config: Optional[str] = None
 
     def __init__(self, in_channels: int = 384, patch_size: int = 14,
-                 config: Union[None, str, os.PathLike, Mapping[str, Any]] = None, iters: Optional[int] = None,
+                 arch: Union[None, str, os.PathLike, Mapping[str, Any]] = None, iters: Optional[int] = None,
                  low_mem: bool = False, dtype: Any = None, image_mean: Optional[Sequence[float]] = None,
                  image_std: Optional[Sequence[float]] = None, fast: bool = True, compute_dtype: Any = None,
-                 cfg: Any = None, attender: Any = None, **_: Any):
+                 attender: Any = None, kernel: str = "auto"):
         super().__init__()
-        if config is None:
-            config = cfg
-        if config is None:
-            config = self.default_config or DEFAULT_CONFIG_FOR_PATCH.get(int(patch_size), "uplift_dinov2-s14")
-        full = load_config(config)
+        if arch is None:
+            arch = self.default_config or DEFAULT_CONFIG_FOR_PATCH.get(int(patch_size), "uplift_dinov2-s14")
+        full = load_config(arch)
         ucfg = full["uplift"]
-        self.config = full
-        self.config_name = str(config) if isinstance(config, (str, os.PathLike)) else None
+        self.arch_config = full
+        self.arch_name = str(arch) if isinstance(arch, (str, os.PathLike)) else None
         self.in_channels = int(in_channels)
         self.patch_size = int(patch_size)
         self.up_factor = int(ucfg.get("up_factor", 2))
@@ -174,7 +196,7 @@ class UPLiFT(Upsampler):
             self.attender = DirectHead(self.decoder.out_channels, self.in_channels)
         else:
             attender_offsets(n)   # a clear error for an unsupported size
-            self.attender = LocalAttender(self.decoder.out_channels, int(n), low_mem=self.low_mem)
+            self.attender = LocalAttender(self.decoder.out_channels, int(n), low_mem=self.low_mem, kernel=kernel)
         rcfg = ucfg.get("refiner")
         if rcfg:
             self.ref_con = int(rcfg.get("ref_con", -1))
@@ -337,7 +359,7 @@ class UPLiFT(Upsampler):
         if method not in cls.official_methods:
             raise UpbenchError(f"{cls.__name__} cannot build official '{method}' modules")
         return cls(in_channels=constructor["in_channels"], patch_size=constructor["patch_size"],
-                   config=constructor["cfg"], iters=constructor.get("iters"),
+                   arch=constructor["cfg"], iters=constructor.get("iters"),
                    low_mem=bool(constructor.get("low_mem", False)), dtype=constructor.get("dtype"))
 
     def run_official(self, method: str, inputs: Mapping[str, Any], constructor: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
@@ -359,9 +381,12 @@ class UPLiFTVAE(UPLiFT):
     """UPLiFT for Stable Diffusion 1.5 VAE latents (C=4, stride 8); the guidance image is raw RGB in [0, 1]."""
 
     official_methods = ()
+    pretrained_cfgs = {"uplift_sd1.5vae": PRETRAINED["uplift_sd1.5vae"]}
     default_config = "uplift_sd1.5vae"
     image_mean = (0.0, 0.0, 0.0)
     image_std = (1.0, 1.0, 1.0)
 
-    def __init__(self, in_channels: int = 4, patch_size: int = 8, config: Any = None, **kwargs: Any):
-        super().__init__(in_channels=in_channels, patch_size=patch_size, config=config, **kwargs)
+    def __init__(self, in_channels: int = 4, patch_size: int = 8,
+                 arch: Union[None, str, os.PathLike, Mapping[str, Any]] = None, **kwargs: Any):
+        """``UPLiFT``'s arguments (``iters``, ``dtype``, ``compute_dtype``, ...) with VAE defaults."""
+        super().__init__(in_channels=in_channels, patch_size=patch_size, arch=arch, **kwargs)

@@ -71,12 +71,20 @@ class UpbenchSubmititLauncher(Launcher):
 
         Singleton.set_state(singleton_state)
         setup_globals()
+        from upbench.jobs import write_outcome
+
+        env = submitit.JobEnvironment()
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, sweep_overrides)
         with open_dict(sweep_config.hydra.job) as job:
-            job.id = submitit.JobEnvironment().job_id
+            job.id = env.job_id
             sweep_config.hydra.job.num = job_num
-        return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=sweep_config,
-                       job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
+        ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=sweep_config,
+                      job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
+        # the outcome as JSON beside submitit's files: `upbench status` reads it and never unpickles anything
+        failed = ret.status == JobStatus.FAILED
+        detail = " ".join(str(ret._return_value).split())[:300] if failed else "job returned"
+        write_outcome(str(env.paths.folder), str(env.job_id), "failed" if failed else "finished", detail)
+        return ret
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit's preemption / timeout protocol: resubmit this job body with the same arguments (the task

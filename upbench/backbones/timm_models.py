@@ -17,10 +17,45 @@ from .base import Backbone
 
 
 def _pretrained_error(timm_name: str, exc: Exception) -> UpbenchError:
+    from upbench import hub
+
+    if hub.offline():
+        return UpbenchError(f"timm model '{timm_name}': its pretrained weights are not in the local cache and "
+                            f"{hub.offline_hint()}; download them once on a machine with internet (into "
+                            "~/.cache/huggingface) or pass backbone.weights=/path/to/file (safetensors or .pth)")
     return UpbenchError(
         f"could not download pretrained weights for timm model '{timm_name}' ({type(exc).__name__}); "
         f"offline? pass a local file with backbone.weights=/path/to/file (safetensors or .pth)"
     )
+
+
+def _create(timm_name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with one-line errors: unknown names, options the architecture does not take, and
+    weights that cannot be had (an unreachable hub is noticed once, before the hub client's retries)."""
+    import timm
+
+    if pretrained:
+        from upbench import hub
+
+        hub.offline()   # switches the hub client to offline mode when the endpoint does not answer
+    try:
+        return timm.create_model(timm_name, pretrained=pretrained, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise UpbenchError(f"unknown timm model '{timm_name}'; see timm.list_models()") from None
+        if pretrained:
+            raise _pretrained_error(timm_name, exc) from None
+        raise
+    except TypeError as exc:
+        if kwargs:
+            raise UpbenchError(f"timm model '{timm_name}' does not take {', '.join(sorted(kwargs))} "
+                               f"({' '.join(str(exc).split())[:100]}); backbone=timm takes ViTs (vit_*, "
+                               "e.g. vit_small_patch14_dinov2.lvd142m)") from None
+        raise
+    except Exception as exc:  # hub / network failures
+        if pretrained:
+            raise _pretrained_error(timm_name, exc) from None
+        raise
 
 
 def _load_local_weights(model: nn.Module, path: str, remap: Optional[str] = None) -> None:
@@ -43,21 +78,13 @@ class TimmViT(Backbone):
     def __init__(self, timm_name: str, pretrained: bool = False, weights: Optional[str] = None,
                  name: Optional[str] = None, img_size: Optional[int] = None, **timm_kwargs: Any):
         super().__init__()
-        import timm
-
         kwargs = dict(num_classes=0, dynamic_img_size=True, **timm_kwargs)
         if img_size:
             kwargs["img_size"] = img_size
-        try:
-            self.model = timm.create_model(timm_name, pretrained=bool(pretrained) and not weights, **kwargs)
-        except RuntimeError as exc:
-            if "Unknown model" in str(exc):
-                raise UpbenchError(f"unknown timm model '{timm_name}'; see timm.list_models()") from None
-            raise
-        except Exception as exc:  # hub / network failures
-            if pretrained:
-                raise _pretrained_error(timm_name, exc) from None
-            raise
+        self.model = _create(timm_name, bool(pretrained) and not weights, **kwargs)
+        if not hasattr(self.model, "forward_intermediates") or not hasattr(self.model, "patch_embed"):
+            raise UpbenchError(f"timm model '{timm_name}' is not a ViT with forward_intermediates; backbone=timm "
+                               "takes ViTs (vit_*, e.g. vit_small_patch14_dinov2.lvd142m)")
         if weights:
             _load_local_weights(self.model, weights)
         self.name = name or timm_name
@@ -85,12 +112,7 @@ class TimmCNN(Backbone):
         super().__init__()
         import timm
 
-        try:
-            full = timm.create_model(timm_name, pretrained=bool(pretrained) and not weights)
-        except Exception as exc:
-            if pretrained:
-                raise _pretrained_error(timm_name, exc) from None
-            raise
+        full = _create(timm_name, bool(pretrained) and not weights)
         if weights:
             _load_local_weights(full, weights, remap=weights_remap)
         self.model = timm.create_model(timm_name, pretrained=False, features_only=True, out_indices=(stage,))

@@ -54,6 +54,26 @@ def resize_center_crop_label(label: np.ndarray, size: int, method: str = "pil_ne
     return t[top:top + size, left:left + size].contiguous()
 
 
+#: what reading a broken image / label file raises (PIL: OSError incl. UnidentifiedImageError, "truncated"; some
+#: decoders SyntaxError / ValueError; numpy: ValueError for object arrays, which are never unpickled)
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, KeyError)
+
+
+def unreadable(path: str, exc: BaseException, what: str = "image") -> UpbenchError:
+    return UpbenchError(f"{path}: not a readable {what} ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
+                        "replace or remove the file")
+
+
+def load_image(path: str, size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """(the JAFAR-transformed image, its original (h, w)); a broken file is one clear error naming it."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return resize_center_crop_image(img, size), (img.height, img.width)
+    except UNREADABLE as exc:
+        raise unreadable(path, exc) from None
+
+
 class SegDataset(torch.utils.data.Dataset):
     """Items: ``{"image": (3,S,S) float in [0,1], "label": (S,S) int64 (255 = ignore), "id": str}``."""
 
@@ -76,18 +96,45 @@ class SegDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def read_label(self, path: str) -> np.ndarray:
-        arr = np.array(Image.open(path))
+        try:
+            with Image.open(path) as img:
+                arr = np.array(img)
+        except UNREADABLE as exc:
+            raise unreadable(path, exc, "label image") from None
         if arr.ndim == 3:
             arr = arr[..., 0]
         return arr
 
+    def map_ids(self, path: str, label: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """``table[label]`` (a dataset's id map), with an id outside the table an error naming the file."""
+        if label.size and (label.min() < 0 or int(label.max()) >= len(table)):
+            raise UpbenchError(f"{path}: label id {int(label.max())} is outside this dataset's id map "
+                               f"(0..{len(table) - 1}); is it a label file of {self.name}?")
+        return table[label]
+
+    def checked_label(self, path: str, label: np.ndarray) -> np.ndarray:
+        """The label with the class-id mapping applied, every id checked: a class of this dataset or ignore."""
+        if label.dtype.kind not in "iu" or (label.size and label.min() < 0):
+            raise UpbenchError(f"{path}: label ids must be non-negative integers (got {label.dtype}); expected ids "
+                               f"0..{self.num_classes - 1} and {self.ignore_index} = ignore")
+        if self.label_map is not None:
+            label = self.map_ids(path, label, self.label_map)
+        bad = (label >= self.num_classes) & (label != self.ignore_index)
+        if bad.any():
+            ids = sorted({int(v) for v in np.unique(label[bad])[:5]})
+            raise UpbenchError(f"{path}: label ids {ids} are outside 0..{self.num_classes - 1} ({self.name} has "
+                               f"{self.num_classes} classes; {self.ignore_index} = ignore); is it a label file of "
+                               f"{self.name}?")
+        return label
+
     def __getitem__(self, i: int) -> Dict[str, object]:
         img_path, lbl_path = self.pairs[i]
         label = self.read_label(lbl_path)
-        if self.label_map is not None:
-            label = self.label_map[label]
-        with Image.open(img_path) as img:
-            image = resize_center_crop_image(img, self.img_size)
+        image, (h, w) = load_image(img_path, self.img_size)
+        if label.shape[:2] != (h, w):
+            raise UpbenchError(f"{lbl_path}: the label is {label.shape[1]}x{label.shape[0]} but its image {img_path} is "
+                               f"{w}x{h}; an image and its label must have the same size")
+        label = self.checked_label(lbl_path, label)
         return {"image": image, "label": resize_center_crop_label(label, self.img_size, self.label_resize),
                 "id": Path(img_path).stem}
 

@@ -42,4 +42,4 @@ class Cityscapes(SegDataset):
 
     def read_label(self, path: str) -> np.ndarray:
         arr = super().read_label(path)
-        return LABEL_ID_TO_TRAIN_ID[arr] if path.endswith("_labelIds.png") else arr.astype(np.int64)
+        return self.map_ids(path, arr, LABEL_ID_TO_TRAIN_ID) if path.endswith("_labelIds.png") else arr.astype(np.int64)

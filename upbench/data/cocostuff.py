@@ -101,4 +101,4 @@ class CocoStuff27(SegDataset):
     def read_label(self, path: str) -> np.ndarray:
         arr = super().read_label(path)
         table = TRAIN171_TO_COARSE if path.endswith("_labelTrainIds.png") else FINE_TO_COARSE
-        return table[arr]
+        return self.map_ids(path, arr, table)

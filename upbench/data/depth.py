@@ -19,8 +19,8 @@ from upbench.errors import UpbenchError
 from upbench.files import atomic_write
 from upbench.registry import DATASETS
 
-from .base import (GeneratedItems, list_images, missing_data, resize_center_crop_image,
-                   short_side_crop_box)
+from .base import (UNREADABLE, GeneratedItems, list_images, load_image, missing_data, resize_center_crop_image,
+                   short_side_crop_box, unreadable)
 from .demo import skimage_texture
 
 MAX_DEPTH = 10.0
@@ -71,25 +71,47 @@ class DepthDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Dict[str, object]:
         img_path, read_depth = self.items[i]
-        depth = scale_to_range(read_depth().astype(np.float32), self.scale)
+        gt_path = getattr(read_depth, "path", img_path)
+        try:
+            raw = np.asarray(read_depth())
+        except UNREADABLE as exc:
+            raise unreadable(gt_path, exc, "depth map") from None
+        if raw.ndim != 2 or raw.dtype.kind not in "iuf":
+            raise UpbenchError(f"{gt_path}: a depth map must be a 2-D array of numbers (got {raw.dtype} {raw.shape}); "
+                               "replace or remove the file")
+        depth = scale_to_range(raw.astype(np.float32), self.scale)
         depth[~np.isfinite(depth)] = 0.0
-        with Image.open(img_path) as img:
-            image = resize_center_crop_image(img, self.img_size)
+        image, _ = load_image(img_path, self.img_size)
         return {"image": image, "depth": resize_center_crop_depth(depth, self.img_size, self.gt_resize),
                 "id": Path(img_path).stem}
 
 
+def _reader(path: str, read: Callable[[str], np.ndarray]) -> Callable[[], np.ndarray]:
+    """A ground-truth reader that knows its file (named in errors)."""
+    def run() -> np.ndarray:
+        return read(path)
+    run.path = path   # type: ignore[attr-defined]
+    return run
+
+
+def _npy(path: str) -> np.ndarray:
+    return np.load(path, allow_pickle=False)   # object arrays (pickles) are refused, never loaded
+
+
 def _png_depth(path: str, divisor: float) -> Callable[[], np.ndarray]:
-    return lambda: np.asarray(Image.open(path), dtype=np.float32) / divisor
+    def read(p: str) -> np.ndarray:
+        with Image.open(p) as img:
+            return np.asarray(img, dtype=np.float32) / divisor
+    return _reader(path, read)
 
 
 def _rgba_float_depth(path: str) -> Callable[[], np.ndarray]:
     """PNG whose RGBA bytes are a float32 map (how the MiDaS pseudo ground truth is stored)."""
-    def read() -> np.ndarray:
-        with Image.open(path) as img:
+    def read(p: str) -> np.ndarray:
+        with Image.open(p) as img:
             arr = np.asarray(img.convert("RGBA"))
         return np.ascontiguousarray(arr).view(np.float32).reshape(arr.shape[0], arr.shape[1]).copy()
-    return read
+    return _reader(path, read)
 
 
 @DATASETS.register("nyuv2")
@@ -141,7 +163,7 @@ class DepthFolder(DepthDataset):
             if png.exists():
                 items.append((str(img), _rgba_float_depth(str(png))))
             elif npy.exists():
-                items.append((str(img), lambda p=str(npy): np.load(p).astype(np.float32)))
+                items.append((str(img), _reader(str(npy), _npy)))
         if not items:
             raise missing_data("depth_folder", str(root), f"images/**/<id>.jpg + {depth_dir}/**/<id>.png|.npy",
                                "any image folder with precomputed relative depth")
@@ -161,7 +183,7 @@ class Middlebury(DepthDataset):
         for left in sorted(base.glob("*_left.png")):
             disp = left.with_name(left.name.replace("_left.png", "_disp.npz"))
             if disp.exists():
-                items.append((str(left), lambda p=str(disp): _inverse_disparity(np.load(p)["arr_0"])))
+                items.append((str(left), _reader(str(disp), lambda p: _inverse_disparity(np.load(p)["arr_0"]))))
         if not items:
             raise missing_data("middlebury", str(root), "<scene>_left.png + <scene>_disp.npz",
                                "vision.middlebury.edu/stereo/data/scenes2014")

@@ -16,7 +16,7 @@ from ..registry import TASKS, UPSAMPLERS
 
 
 def _item(cfg: Mapping[str, Any], index: int) -> Dict[str, Any]:
-    _, val = build_datasets(cfg["dataset"])
+    _, val = build_datasets(cfg["dataset"], disjoint=False)
     if not 0 <= index < len(val):
         raise UpbenchError(f"--image {index} is out of range: the validation split has {len(val)} images")
     return val[index]
@@ -124,7 +124,7 @@ def predictions(rows: Sequence[Mapping[str, Any]], results: Path, out_dir: Path,
             first.setdefault(r["upsampler"], r)
         methods = order(first, UPSAMPLER_ORDER)
         cfg0 = first[methods[0]]["config"]
-        _, val = build_datasets(cfg0["dataset"])
+        _, val = build_datasets(cfg0["dataset"], disjoint=False)
         items = [val[i] for i in range(min(n_images, len(val)))]
         size = (val.img_size, val.img_size)
         columns: List[List[np.ndarray]] = [[plotting.to_display(it["image"]) for it in items]]
