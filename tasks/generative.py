@@ -63,7 +63,7 @@ class LatentSuperResolution(Task):
             hr.append(image[0].cpu())
             if (i + 1) % 10 == 0:
                 job.log(f"  {i + 1}/{len(val_set)} images")
-        metrics = image_metrics.summary(sr, hr, int(cfg["pfid_patch"]), with_fid=bool(cfg["fid"]))
+        metrics = image_metrics.summary(sr, hr, int(cfg["pfid_patch"]), with_fid=bool(cfg["fid"]), device=job.device)
         return {
             "metrics": metrics,
             "data": {"n_val": len(val_set), "hr_size": val_set.img_size, "lr_size": val_set.img_size // factor,

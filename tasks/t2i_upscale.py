@@ -95,7 +95,7 @@ class TextToImageUpscale(Task):
         clip = image_metrics.ClipScore(cfg["clip_model"], device) if cfg.get("clip_model") else None
         patch = int(cfg["pfid_patch"])
         # whole-image and patch statistics per image set; the base images' patches cover the same area at 1/factor
-        stats = {(name, patched): image_metrics.FeatureStats((patch // scale) if patched else 0)
+        stats = {(name, patched): image_metrics.FeatureStats((patch // scale) if patched else 0, device=device)
                  for name, scale in (("real", 1), ("up", 1), ("base", factor)) for patched in (False, True)
                  } if with_fid else {}
         clip_up: List[float] = []

