@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from upbench import upsamplers
-from upbench.launches import LaunchCounter, forward_launches
+from upbench.launches import forward_launches
 from upbench.timing import Stopwatch, cuda_event_times, median_ms
 from upbench.upsamplers.base import kernel_path
 
@@ -120,19 +120,10 @@ def launches(device: torch.device) -> List[Dict[str, Any]]:
         for label, side, grid, patch in SIZES:
             torch.manual_seed(0)
             model = upsamplers.create(name, in_channels=384, patch_size=patch)
-            if device.type == "cpu":
-                with kernel_path("device"):
-                    got = forward_launches(model, (1, 3, side, side), (1, 384, grid, grid), (side, side), "meta")
-                where = "meta (accelerator path)"
-            else:
-                model = model.to(device).eval()
-                image, feats = _inputs(device, side, grid)
-                with torch.inference_mode():
-                    model(image, feats, (side, side))
-                    counter = LaunchCounter(device)
-                    with counter:
-                        model(image, feats, (side, side))
-                got, where = counter.count, str(device)
+            where = "meta (accelerator path)" if device.type == "cpu" else str(device)
+            with kernel_path("device" if device.type == "cpu" else "auto"):
+                got = forward_launches(model, (1, 3, side, side), (1, 384, grid, grid), (side, side),
+                                       "meta" if device.type == "cpu" else device)
             rows.append({"upsampler": name, "size": label, "counted_on": where, **got.as_dict()})
     return rows
 

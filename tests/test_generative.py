@@ -125,3 +125,25 @@ def test_trace_sqrt_product_is_exact_on_both_paths():
     assert float(image_metrics.trace_sqrt_product(*kept)) == pytest.approx(float(reference), rel=1e-6)
     assert float(image_metrics.trace_sqrt_product(*streamed)) == pytest.approx(float(reference), rel=1e-6)
     assert image_metrics.frechet_distance(*kept) == pytest.approx(image_metrics.frechet_distance(*streamed), rel=1e-6)
+
+
+def test_reference_statistics_are_computed_once_per_set(monkeypatch):
+    """Several upsamplers against the same high-res set: Inception sees the references once (whole and patch)."""
+    monkeypatch.setattr(image_metrics, "_REFERENCE_STATS", type(image_metrics._REFERENCE_STATS)())
+    calls = []
+    update = image_metrics.FeatureStats.update
+
+    def counting(self, images):
+        calls.append(self.patch)
+        return update(self, images)
+
+    monkeypatch.setattr(image_metrics.FeatureStats, "update", counting)
+    g = torch.Generator().manual_seed(0)
+    hr = [torch.rand(3, 32, 32, generator=g) for _ in range(3)]
+    first = image_metrics.summary([torch.rand(3, 32, 32, generator=g) for _ in range(3)], hr, 16)
+    assert len(calls) == 4   # references and outputs, whole and patches
+    second = image_metrics.summary([torch.rand(3, 32, 32, generator=g) for _ in range(3)], hr, 16)
+    assert len(calls) == 6   # the outputs only
+    assert first["fid"] != second["fid"]
+    image_metrics.summary(hr, [h * 0.5 for h in hr], 16)
+    assert len(calls) == 10  # a different reference set is measured

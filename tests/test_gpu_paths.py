@@ -92,7 +92,7 @@ def _random_model(name, c, patch):
 def test_device_path_equals_cpu_path(name, grid, out):
     model = _random_model(name, 24, 14)
     image = torch.randn(2, 3, grid[0] * 14, grid[1] * 14)
-    feats = torch.randn(2, 24) [..., None, None] + torch.randn(2, 24, *grid)
+    feats = torch.randn(2, 24)[..., None, None] + torch.randn(2, 24, *grid)
     with torch.inference_mode():
         ref = model(image, feats, out)
         with kernel_path("device"):

@@ -50,14 +50,48 @@ TINY = ["dataset=demo", "backbone=demo", "dataset.img_size=64", "dataset.num_ima
         "task.probe.epochs=2", "upsampler=lift_2x"]
 
 
-def test_seg_runs_in_bfloat16_and_records_precision_and_gpu_flags(tmp_path):
+def test_seg_runs_in_bfloat16_and_records_precision_and_gpu_flags(tmp_path, monkeypatch):
+    import upbench.tasks.seg as seg
+
+    seen = []   # (autocast on, dtype) where the upsampler runs; dtype of the probe's logits
+
+    def spy_forward(self, image, features, output_size=None):
+        seen.append(("upsampler", torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return forward(self, image, features, output_size)
+
+    def spy_resize(pred, size):
+        seen.append(("probe", pred.dtype))
+        return resize(pred, size)
+
+    cls, resize = upsamplers.get("lift_2x"), seg.resize_prediction
+    forward = cls.forward
+    monkeypatch.setattr(cls, "forward", spy_forward)
+    monkeypatch.setattr(seg, "resize_prediction", spy_resize)
     full = run_job(compose(TINY + [f"paths.results={tmp_path}"]), log=lambda *_: None)
+    assert {e for e in seen if e[0] == "upsampler"} == {("upsampler", False, torch.get_autocast_dtype("cpu"))}
+    assert {e for e in seen if e[0] == "probe"} == {("probe", torch.float32)}
+    seen.clear()
     half = run_job(compose(TINY + [f"paths.results={tmp_path}", "compute_dtype=bf16"]), log=lambda *_: None)
+    assert {e for e in seen if e[0] == "upsampler"} == {("upsampler", True, torch.bfloat16)}
+    assert {e for e in seen if e[0] == "probe"} == {("probe", torch.bfloat16)}
     assert half["config"]["compute_dtype"] == "bf16" and full["config"]["compute_dtype"] is None
     assert half["config_hash"] != full["config_hash"]   # a different setup, never averaged with the float32 one
     for row in (full, half):
         assert row["device"]["tf32"] is False and row["device"]["cudnn_benchmark"] is False
     assert abs(half["metrics"]["miou"] - full["metrics"]["miou"]) < 15
+
+
+def test_tf32_and_cudnn_benchmark_are_set_per_job_and_recorded(tmp_path):
+    try:
+        row = run_job(compose(TINY + [f"paths.results={tmp_path}", "tf32=true", "cudnn_benchmark=true"]),
+                      log=lambda *_: None)
+        assert row["device"]["tf32"] is True and row["device"]["cudnn_benchmark"] is True
+        # the next job sets them again from its own config, whatever ran before in the process
+        row = run_job(compose(TINY + [f"paths.results={tmp_path}", "seed=1"]), log=lambda *_: None)
+        assert row["device"]["tf32"] is False and torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = False
 
 
 @pytest.mark.parametrize("override,needle", [("compute_dtype=int8", "compute_dtype=int8: expected one of"),

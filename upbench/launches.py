@@ -67,10 +67,8 @@ class LaunchCounter(TorchDispatchMode):
         c = self.count
         if name in _SYNC or (name == "index" and _bool_index(args)):
             c.syncs += 1
-        elif self.device.type != "cpu" and name in ("_to_copy", "copy_", "copy") and "cpu" in _devices(args):
-            c.host_copies += 1
-        elif self.device.type != "cpu" and "cpu" in _devices((args, kwargs)) and name not in _FREE:
-            c.host_copies += 1
+        elif self.device.type != "cpu" and name not in _FREE and "cpu" in _devices((args, kwargs)):
+            c.host_copies += 1   # a host tensor entering device work (a copy, or an op that would need one)
         inert = name in ("dropout", "feature_dropout", "alpha_dropout") and len(args) > 2 and not args[2]
         if name not in _FREE and name not in _SYNC and not func.is_view and not inert:
             c.kernels += 1
