@@ -82,3 +82,23 @@ def lowres(pretrained=False, backbone=None, **kwargs):
 def input2x(pretrained=False, backbone=None, **kwargs):
     """The "2x larger input" baseline (no weights)."""
     return _create("input2x", pretrained, backbone, kwargs)
+
+
+def naf(pretrained=False, backbone=None, **kwargs):
+    """NAF, zero-shot for any backbone; ``pretrained=True`` loads the released model (``naf_release``)."""
+    return _create("naf", pretrained, backbone, kwargs)
+
+
+def jbf(pretrained=False, backbone=None, **kwargs):
+    """Joint bilateral filter of 4x bilinear features under the image, NAF's classical baseline (no weights)."""
+    return _create("jbf", pretrained, backbone, kwargs)
+
+
+def guided_filter(pretrained=False, backbone=None, **kwargs):
+    """He et al.'s guided filter of bilinear features under the image's luma (no weights)."""
+    return _create("guided_filter", pretrained, backbone, kwargs)
+
+
+def bicubic(pretrained=False, backbone=None, **kwargs):
+    """Bicubic interpolation (no weights)."""
+    return _create("bicubic", pretrained, backbone, kwargs)

@@ -15,7 +15,7 @@ from upbench.files import atomic_write
 from upbench.progress import bar
 from upbench.transforms import resize
 
-LR_SCHEDULES = ("per_epoch", "per_iter_jafar", "per_iter_total", "constant")
+LR_SCHEDULES = ("per_epoch", "per_iter_jafar", "per_iter_total", "constant", "warmup_cosine")
 OPTIMIZERS = ("adamw", "nadam", "adam")
 #: a loss this many times its first value means the probe diverged
 DIVERGED = 10.0
@@ -84,7 +84,18 @@ class LossHistory(list):
                 f"task.probe.lr={lr} may be too small for so few steps; these numbers are not converged")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, mode: str, epochs: int, iters_per_epoch: int):
+def warmup_cosine_factor(step: int, max_step: int, warmup_step: float, min_factor: float = 0.01) -> float:
+    """Probe3D's ``cosine_decay_linear_warmup``: linear from ``min_factor`` to 1 over the warm-up, then a quarter
+    cosine down to ``min_factor`` at ``max_step``."""
+    span = 1.0 - min_factor
+    if step <= warmup_step:
+        return span * (step / max(warmup_step, 1e-12)) + min_factor
+    rel = (step - warmup_step) / max(max_step - warmup_step, 1e-12)
+    return span * math.cos(0.5 * rel * math.pi) + min_factor
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, mode: str, epochs: int, iters_per_epoch: int,
+                   warmup_epochs: float = 0.0):
     """Return (scheduler, step_per_iteration).
 
     per_epoch      -- cosine over ``epochs``, stepped once per epoch (the AnyUp correction; default)
@@ -92,11 +103,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, mode: str, epochs: int, ite
                       oscillates with a period of 2*epochs iterations)
     per_iter_total -- cosine with T_max=epochs*iters stepped every iteration (NAF)
     constant       -- no schedule (LoftUp's probe)
+    warmup_cosine  -- Probe3D's: linear warm-up over ``warmup_epochs``, then a quarter cosine, every iteration
     """
     if mode not in LR_SCHEDULES:
         raise UpbenchError(f"unknown probe.lr_schedule '{mode}'; valid: {', '.join(LR_SCHEDULES)}")
     if mode == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), False
+    if mode == "warmup_cosine":
+        total, warm = epochs * iters_per_epoch, float(warmup_epochs) * iters_per_epoch
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine_factor(s, total, warm)), True
     t_max = epochs * iters_per_epoch if mode == "per_iter_total" else epochs
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, t_max)), mode != "per_epoch"
 
@@ -175,7 +190,8 @@ def _load_probe_state(path: Path) -> Dict[str, Any]:
 def train_probe(train_set, probe_cfg: Dict[str, Any], params, seed: int,
                 loss_fn: Callable[[List[Dict[str, Any]], List[bool], int], torch.Tensor],
                 log=print, checkpoint: Optional[Path] = None,
-                autocast: Callable[[], Any] = contextlib.nullcontext) -> Tuple[List[float], List[float]]:
+                autocast: Callable[[], Any] = contextlib.nullcontext,
+                loader: Optional[Callable[[Any, List[List[int]]], Any]] = None) -> Tuple[List[float], List[float]]:
     """The configured optimiser over ``params`` (AdamW by default), the LR schedule, shuffled batches with random
     horizontal flips;
     ``loss_fn(items, flips, step)`` gives a batch's loss.  Returns (seconds per epoch, mean loss per epoch).
@@ -183,14 +199,16 @@ def train_probe(train_set, probe_cfg: Dict[str, Any], params, seed: int,
     ``checkpoint``: a file written after every epoch (probe weights, optimiser, schedule, shuffling RNG); a run that
     finds it resumes after the last finished epoch with the same result as an uninterrupted run, which is how a
     requeued (preempted / timed-out) or re-run job continues.  ``autocast``: the context the loss is computed in
-    (the pipeline's ``compute_dtype``).  Step losses stay on the device and are read once per epoch (one host
-    sync per epoch, not per step)."""
+    (the pipeline's ``compute_dtype``).  ``loader(dataset, batches)``: yields each batch's items (the pipeline's
+    :meth:`~upbench.pipeline.Pipeline.loader`, with its workers and pinned memory); default: indexing in this
+    process.  Step losses stay on the device and are read once per epoch (one host sync per epoch, not per step)."""
     params = list(params)
     gen = torch.Generator().manual_seed(int(seed))
     optim = make_optimizer(params, probe_cfg)
     batch_size, epochs = int(probe_cfg["batch_size"]), int(probe_cfg["epochs"])
     iters = (len(train_set) + batch_size - 1) // batch_size
-    sched, per_iter = make_scheduler(optim, probe_cfg["lr_schedule"], epochs, iters)
+    sched, per_iter = make_scheduler(optim, probe_cfg["lr_schedule"], epochs, iters,
+                                     float(probe_cfg.get("warmup_epochs", 0.0) or 0.0))
     step, epoch_s, losses, start = 0, [], LossHistory(), 0
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.is_file():
@@ -213,10 +231,12 @@ def train_probe(train_set, probe_cfg: Dict[str, Any], params, seed: int,
             flips = ((torch.rand(len(order), generator=gen) < 0.5).tolist() if probe_cfg["flip"]
                      else [False] * len(order))
             pending = []
-            for b in range(iters):
-                idx = order[b * batch_size:(b + 1) * batch_size]
+            batches = [order[b * batch_size:(b + 1) * batch_size] for b in range(iters)]
+            loaded = loader(train_set, batches) if loader is not None else ([train_set[i] for i in idx]
+                                                                             for idx in batches)
+            for b, (idx, items) in enumerate(zip(batches, loaded)):
                 with autocast():
-                    loss = loss_fn([train_set[i] for i in idx], [flips[i] for i in idx], step + b)
+                    loss = loss_fn(items, [flips[i] for i in idx], step + b)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 optim.step()

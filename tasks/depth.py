@@ -200,12 +200,11 @@ class DepthProbe(Task):
             return sig_loss(pred, gt, mask, warmup=step < warmup_iters) + grad_w * grad_loss(pred, gt, mask)
 
         epoch_s, losses = train_probe(train_set, probe_cfg, head.parameters(), job.seed, batch_loss, job.log,
-                                      checkpoint=job.checkpoint, autocast=pipe.autocast)
+                                      checkpoint=job.checkpoint, autocast=pipe.autocast, loader=pipe.loader)
 
         per_image: List[Dict[str, float]] = []
         with torch.inference_mode():
-            for i in bar(range(len(val_set)), desc="evaluate"):
-                item = val_set[i]
+            for item in bar(pipe.items(val_set), total=len(val_set), desc="evaluate"):
                 x = head_input(pipe, item, False, size, use_cls)[None].to(device)
                 gt = item["depth"].to(device)
                 with pipe.autocast():

@@ -59,15 +59,14 @@ class SegProbe(Task):
             return F.cross_entropy(logits, labels.to(device), ignore_index=ignore)
 
         epoch_s, losses = train_probe(train_set, probe_cfg, probe.parameters(), job.seed, batch_loss, job.log,
-                                      checkpoint=job.checkpoint, autocast=pipe.autocast)
+                                      checkpoint=job.checkpoint, autocast=pipe.autocast, loader=pipe.loader)
 
         miou = MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=ignore).to(device)
         per_class = MulticlassJaccardIndex(num_classes=num_classes, average="none", ignore_index=ignore).to(device)
         acc = MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=ignore).to(device)
         support = torch.zeros(num_classes, dtype=torch.long)
         with torch.inference_mode(), pipe.autocast():
-            for i in bar(range(len(val_set)), desc="evaluate"):
-                item = val_set[i]
+            for item in bar(pipe.items(val_set), total=len(val_set), desc="evaluate"):
                 feats = pipe.item_upsampled(item, False, size)[None].to(device)
                 label = item["label"][None].to(device)
                 if resize_at == "labels":   # the argmax comes to the labels' size (nearest)

@@ -165,8 +165,8 @@ class MultiDepthTraining(Task):
 
         source = getattr(data, "identity", "train_images")
 
-        def pyramid(index: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-            img = data[index][None]
+        def pyramid(index: int, image: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+            img = image[None]
             images = [img if s == sizes[0] else resize(img, (s, s), antialias=True) for s in sizes]
             feats = [pipe.features(im[0], key=(source, index, s))[0][None] for im, s in zip(images, sizes)]
             return images, feats
@@ -198,23 +198,27 @@ class MultiDepthTraining(Task):
             while step < total_steps:
                 epoch, pos = divmod(step, steps_per_epoch)
                 order = torch.randperm(len(data), generator=torch.Generator().manual_seed(job.seed * 100003 + epoch))
-                idx = order[pos * bs:(pos + 1) * bs].tolist()
-                pairs = [pyramid(i) for i in idx]
-                images = [torch.cat([p[0][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
-                feats = [torch.cat([p[1][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
-                loss, per_depth = multi_depth_loss(model, images, feats, depths, tcfg["loss"], pipe.guidance,
-                                                   float(tcfg.get("latent_noise") or 0.0))
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                optim.step()
-                step += 1
-                pending.append((step, loss.detach(), per_depth))
-                bar.update(1)
-                saving = step % int(tcfg["save_every"]) == 0 or step == total_steps
-                if saving or step % READ_EVERY == 0:   # losses stay on the device between reads
-                    read_losses()
-                if saving:
-                    save_state(state_path, model, optim, {"step": step, "config_hash": ident, "history": history})
+                batches = [order[p * bs:(p + 1) * bs].tolist()
+                           for p in range(pos, min(steps_per_epoch, pos + total_steps - step))]
+                # the rest of this epoch's images through the pipeline's loader (workers, pinned memory on a GPU)
+                for idx, loaded in zip(batches, pipe.loader(data, batches)):
+                    pairs = [pyramid(i, im) for i, im in zip(idx, loaded)]
+                    images = [torch.cat([p[0][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
+                    feats = [torch.cat([p[1][lvl] for p in pairs]).to(device) for lvl in range(len(sizes))]
+                    loss, per_depth = multi_depth_loss(model, images, feats, depths, tcfg["loss"], pipe.guidance,
+                                                       float(tcfg.get("latent_noise") or 0.0))
+                    optim.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optim.step()
+                    step += 1
+                    pending.append((step, loss.detach(), per_depth))
+                    bar.update(1)
+                    saving = step % int(tcfg["save_every"]) == 0 or step == total_steps
+                    if saving or step % READ_EVERY == 0:   # losses stay on the device between reads
+                        read_losses()
+                    if saving:
+                        save_state(state_path, model, optim,
+                                   {"step": step, "config_hash": ident, "history": history})
         finally:   # a failure prints its message on a clean line
             bar.close()
         model.eval()

@@ -55,3 +55,22 @@ def test_run_and_report_roundtrip(tmp_path):
     assert r"\toprule" in tex.stdout
     csv = run(["report", "--csv", "--results", str(tmp_path / "results")], tmp_path)
     assert csv.stdout.count("\n") == 3
+
+
+def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise(monkeypatch, capsys):
+    """The CLI asks OpenMP for passive waiting before torch loads it (a spinning thread starves its partner on a
+    shared CPU, see benchmarks/loaded_cpu.py); a value the user set is kept."""
+    import os
+
+    from upbench import cli
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    cli.main(["--version"])
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    cli.main(["--version"])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    from upbench.results import device_info
+    import torch
+
+    assert device_info(torch.device("cpu"))["omp_wait_policy"] == "ACTIVE"

@@ -22,6 +22,8 @@ def unsupported(name: str, channels: int) -> Optional[str]:
         return "at least 2"
     if name == "loftup" and (channels + 20) % 4:
         return "multiple of num_heads"
+    if name == "naf" and channels % 4:
+        return "divisible by heads_attn"
     return None
 
 

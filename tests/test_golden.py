@@ -10,11 +10,13 @@ from upbench.errors import UpbenchError
 from upbench.upsamplers.base import kernel_path
 from conftest import GOLDEN
 
-CASES = sorted(GOLDEN.glob("*.pt")) if GOLDEN.is_dir() else []
+#: every case directly in GOLDEN, and those of the NAF / JBF set in GOLDEN/naf (a GOLDEN that holds NAF cases
+#: directly has them in the first glob)
+CASES = sorted(GOLDEN.glob("*.pt")) + sorted((GOLDEN / "naf").glob("*.pt")) if GOLDEN.is_dir() else []
 
 
 @pytest.mark.skipif(not CASES, reason=f"no golden cases found in {GOLDEN}")
-@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+@pytest.mark.parametrize("path", CASES, ids=[str(p.relative_to(GOLDEN).with_suffix("")) for p in CASES])
 @pytest.mark.parametrize("kernels", ["auto", "device"])
 def test_golden_case(path, kernels):
     """``kernels=device``: the accelerator path (fixed launch counts, no host work), forced on the CPU."""
@@ -33,4 +35,5 @@ def test_golden_case(path, kernels):
         out = got[name]
         assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
         err = (out - ref).abs().max().item()
+        print(f"golden {path.stem} [{kernels}] {name}: max abs err {err:.3e}")   # shown with pytest -s / -rA
         assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), f"{name}: max abs err {err:.3e}"

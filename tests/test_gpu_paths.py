@@ -22,6 +22,9 @@ KERNEL_TARGETS = {
     "featup": 800,
     # UPLiFT: <= 200 at any size; the SD-VAE variant is a larger network (LayerNorm blocks, a refiner, 3 steps)
     "uplift": 200, "uplift_vae": 420,
+    # NAF: the encoder (~40) and a grouped neighbourhood attention of fixed size (measured 64 at 448 and 1024);
+    # JBF / guided filter: fixed filter pipelines (measured 25 / 76); bicubic: one interpolation
+    "naf": 80, "jbf": 35, "guided_filter": 90, "bicubic": 1,
 }
 SHAPES = {"448": ((1, 3, 448, 448), (32, 32), 14, (448, 448)), "1024": ((1, 3, 1024, 1024), (64, 64), 16, (1024, 1024))}
 
@@ -57,7 +60,7 @@ def test_launches_syncs_and_host_copies(name):
     assert large.kernels <= small.kernels + 2, f"{name}: launches grow with size ({small.kernels} -> {large.kernels})"
 
 
-@pytest.mark.parametrize("name", ["jafar", "anyup", "loftup"])
+@pytest.mark.parametrize("name", ["jafar", "anyup", "loftup", "naf"])
 def test_query_chunks_follow_free_memory(monkeypatch, name):
     """With the free memory of an 80 GB card, 1024 px needs at most a few chunks, not hundreds."""
     monkeypatch.setitem(base.ASSUMED_FREE_BYTES, "meta", 80 * 2 ** 30)

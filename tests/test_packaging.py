@@ -106,7 +106,8 @@ def test_wheel_lists_and_runs_a_multirun_from_an_unrelated_folder(installs):
     py, work = installs["wheel_py"], installs["work"]
     listed = _run(py, ["-m", "upbench", "list"], work)
     assert listed.returncode == 0, listed.stderr
-    assert "upsamplers: anyup, bilinear" in listed.stdout and "clusters (slurm/cluster/): a100, cpu, local" in listed.stdout
+    assert "upsamplers: anyup, bicubic, bilinear" in listed.stdout and "  naf " in listed.stdout
+    assert "clusters (slurm/cluster/): a100, cpu, local" in listed.stdout
     multirun = _run(py, ["-m", "upbench", "run", "-m", *TINY, "upsampler=bilinear,nearest",
                          "paths.results=wheel_results"], work)
     assert multirun.returncode == 0, multirun.stderr[-2000:]

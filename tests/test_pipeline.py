@@ -108,3 +108,84 @@ def test_timing_synchronises_the_device_it_runs_on(monkeypatch):
     with timing.Stopwatch("cpu"):
         pass
     assert seen == ["cuda:1", "cuda:1"]
+
+
+# ------------------------------------------------------------------------------------------------ loading and device
+def _identity():
+    up = torch.nn.Identity()
+    up.image_mean, up.image_std = (0.5,) * 3, (0.5,) * 3
+    return up
+
+
+def test_loader_workers_give_the_same_items_in_the_same_order():
+    """Items through DataLoader worker processes arrive exactly as indexing gives them, in the batches' order."""
+    cfg = to_container(compose([*TINY, "dataset.num_images=8"]))
+    train, _ = build_datasets(cfg["dataset"])
+    bb = build_backbone(cfg["backbone"])
+    assert len(train) >= 5
+    batches = [[3, 0], [2], [1, 4]]
+    direct = Pipeline(bb, _identity(), torch.device("cpu"))
+    workers = Pipeline(bb, _identity(), torch.device("cpu"), loader={"workers": 2})
+    assert (direct.workers, workers.workers, workers.pin_memory) == (0, 2, False)   # never pinned without a GPU
+    got = list(workers.loader(train, batches))
+    assert [[it["id"] for it in b] for b in got] == [[train[i]["id"] for i in b] for b in batches]
+    for b, idx in zip(got, batches):
+        for it, i in zip(b, idx):
+            assert torch.equal(it["image"], train[i]["image"]) and torch.equal(it["label"], train[i]["label"])
+    assert [it["id"] for it in workers.items(train)] == [train[i]["id"] for i in range(len(train))]
+
+
+def test_the_probe_trains_the_same_through_loader_workers():
+    from upbench.tasks._probe import train_probe
+
+    data = [{"x": torch.full((2,), float(i)), "y": torch.tensor(float(i % 3))} for i in range(10)]
+    pipe = Pipeline(build_backbone({"kind": "demo", "name": "demo"}), _identity(), torch.device("cpu"),
+                    loader={"workers": 2})
+    cfg = {"lr": 0.05, "epochs": 3, "batch_size": 4, "lr_schedule": "per_epoch", "flip": True}
+
+    def run(loader):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(2, 1)
+
+        def loss(items, flips, _step):
+            x = torch.stack([it["x"] * (-1 if f else 1) for it, f in zip(items, flips)])
+            return ((lin(x)[:, 0] - torch.stack([it["y"] for it in items])) ** 2).mean()
+
+        _, losses = train_probe(data, cfg, lin.parameters(), 0, loss, log=lambda _m: None, loader=loader)
+        return list(losses), [p.detach().clone() for p in lin.parameters()]
+
+    plain, workers = run(None), run(pipe.loader)
+    assert plain[0] == workers[0] and all(torch.equal(a, b) for a, b in zip(plain[1], workers[1]))
+
+
+def test_features_stay_on_the_device_within_the_budget():
+    """Backbone features are kept on the job's device up to ``loader.device_features_gb`` (later epochs copy nothing
+    from the host); beyond it they come from the host cache every time."""
+    cfg = to_container(compose(TINY))
+    train, _ = build_datasets(cfg["dataset"])
+    bb = build_backbone(cfg["backbone"])
+    up = _identity()
+    one = Pipeline(bb, up, torch.device("cpu"), FeatureCache()).item_features(train[0])
+    per_item = sum(t.numel() * t.element_size() for t in one)
+    pipe = Pipeline(bb, up, torch.device("cpu"), FeatureCache(), loader={"device_features_gb": 2.5 * per_item / 2 ** 30})
+    first = [pipe.item_features(train[i]) for i in range(4)]
+    assert len(pipe._on_device) == 2 and pipe._on_device_bytes == 2 * per_item
+    assert pipe.item_features(train[0])[0] is first[0][0] and torch.equal(first[0][0], one[0])
+    none = Pipeline(bb, up, torch.device("cpu"), FeatureCache(enabled=False), loader={"device_features_gb": 10})
+    none.item_features(train[0])
+    assert not none._on_device   # no cache, nothing kept
+
+
+@pytest.mark.parametrize("loader,needle", [({"workers": -1}, "loader.workers=-1"),
+                                           ({"pin_memory": "yes"}, "loader.pin_memory=yes"),
+                                           ({"device_features_gb": "lots"}, "loader.device_features_gb=lots")])
+def test_bad_loader_settings_are_one_line_errors(loader, needle):
+    with pytest.raises(UpbenchError, match=needle):
+        Pipeline(build_backbone({"kind": "demo", "name": "demo"}), _identity(), torch.device("cpu"), loader=loader)
+
+
+def test_loader_settings_do_not_change_a_run_key():
+    from upbench.results import config_hash
+
+    cfg = to_container(compose(TINY))
+    assert config_hash(cfg) == config_hash({**cfg, "loader": {"workers": 7, "pin_memory": True}})

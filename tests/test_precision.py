@@ -18,9 +18,11 @@ from conftest import GOLDEN, ROOT, randomise
 #: CPU with random weights at 56 px.  AnyUp's windowed softmax is the most sensitive to bfloat16 logits.
 TOLERANCE = {
     "bf16": {"anyup": 0.25, "jafar": 0.06, "loftup": 0.06, "uplift": 0.02, "featup": 0.01, "lift": 0.06,
-             "lift_2x": 0.03, "bilinear": 0.0, "nearest": 0.0, "lowres": 0.0, "input2x": 0.0},
+             "lift_2x": 0.03, "bilinear": 0.0, "nearest": 0.0, "lowres": 0.0, "input2x": 0.0,
+             "naf": 0.02, "jbf": 0.0, "guided_filter": 0.0, "bicubic": 0.0},
     "fp16": {"anyup": 0.05, "jafar": 0.01, "loftup": 0.01, "uplift": 0.003, "featup": 0.002, "lift": 0.01,
-             "lift_2x": 0.005, "bilinear": 0.0, "nearest": 0.0, "lowres": 0.0, "input2x": 0.0},
+             "lift_2x": 0.005, "bilinear": 0.0, "nearest": 0.0, "lowres": 0.0, "input2x": 0.0,
+             "naf": 0.004, "jbf": 0.0, "guided_filter": 0.0, "bicubic": 0.0},
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

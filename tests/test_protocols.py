@@ -2,6 +2,7 @@
 values, and the named presets that set them: each composes, prints its resolved values, runs end to end on the
 shared data with the demo backbone, and refuses tasks it does not define."""
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -19,8 +20,10 @@ from upbench.registry import DATASETS, UPSAMPLERS
 DATA = ASSETS / "data"
 SETS = [("voc", "voc2012_val14"), ("ade20k", "ade20k_val30"), ("cityscapes", "cityscapes_tiny1"),
         ("cocostuff", "cocostuff_val35")]
-PRESETS = ["uplift_table1", "uplift_table8", "jafar_released", "naf", "loftup_table3", "uplift_table4",
-           "uplift_table2", "uplift_table3"]
+#: every preset shipped in configs/protocol/ (a new one is checked without editing this file)
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "protocol").glob("*.yaml")
+                 if p.stem != "none")
+assert {"uplift_table1", "uplift_table8", "jafar_released", "naf", "loftup_table3", "loftup_table4"} <= set(PRESETS)
 
 
 def _official_label(ds, index, size):

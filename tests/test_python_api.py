@@ -22,7 +22,7 @@ LEARNED = [n for n in upsamplers.available() if not upsamplers.get(n).parameter_
 SMALL = {"uplift": dict(in_channels=16, patch_size=14), "uplift_vae": dict(in_channels=8, arch="uplift_vae_small"),
          "jafar": dict(in_channels=32), "anyup": dict(), "loftup": dict(in_channels=12),
          "featup": dict(in_channels=16, use_norm=True), "lift": dict(in_channels=16, patch_size=14),
-         "lift_2x": dict(in_channels=16, patch_size=16)}
+         "lift_2x": dict(in_channels=16, patch_size=16), "naf": dict(in_channels=16)}
 
 
 # ----------------------------------------------------------------------------------------------- available

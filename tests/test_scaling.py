@@ -201,6 +201,57 @@ def test_unknown_upsampler_and_bad_sizes_are_clear_errors(tmp_path):
         scaling.resolve(sweep_cfg(tmp_path, "sizes=[8]"))
 
 
+def test_bad_axes_passes_and_axis_grids_are_clear_errors(tmp_path):
+    from upbench.errors import UpbenchError
+
+    for override, needle in (("axes=[depth]", "axes=.*tokens, ratio, channels"),
+                             ("passes=[train]", "passes=.*forward, backward"),
+                             ("ratio_axis.factors=[0,2]", "ratio_axis.factors"),
+                             ("channel_axis.size=4", "channel_axis.size=4")):
+        with pytest.raises(UpbenchError, match=needle):
+            scaling.resolve(sweep_cfg(tmp_path, override))
+
+
+def test_ratio_channel_and_backward_curves(tmp_path):
+    """NAF's efficiency curves: the ratio axis keeps the image and the feature grid and grows the output, the channel
+    axis grows the feature channels, the backward pass times forward + backward with gradients (more FLOPs and
+    memory than the forward); every curve gets its own tables, CSV columns and figure; the tokens-forward curve keeps
+    its point keys."""
+    cfg = sweep_cfg(tmp_path, "upsamplers=[bilinear,uplift]", "axes=[ratio,channels]", "passes=[forward,backward]",
+                    "ratio_axis.size=64", "ratio_axis.factors=[2,8]", "channel_axis.size=32",
+                    "channel_axis.values=[8,32]", "warmup=1", "runs=2")
+    s = scaling.resolve(cfg)
+    assert [(a, p, pts) for a, p, pts in scaling.plan(s)] == [
+        ("ratio", "forward", [(64, 4, 8, 384), (64, 4, 32, 384)]),
+        ("ratio", "backward", [(64, 4, 8, 384), (64, 4, 32, 384)]),
+        ("channels", "forward", [(32, 2, 32, 8), (32, 2, 32, 32)]),
+        ("channels", "backward", [(32, 2, 32, 8), (32, 2, 32, 32)])]
+    dev = scaling.device_label(s["device"])
+    assert "axis" not in scaling.point_config(s, "uplift", 64, dev)   # the default curve's keys are unchanged
+    rows = scaling.run_sweep(cfg, log=lambda _m: None)
+    assert len(rows) == 16 and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    by = {(r["upsampler"], r["data"]["axis"], r["data"]["pass"], r["data"]["x"]): r for r in rows}
+    assert by[("uplift", "ratio", "forward", 8)]["data"]["output"] == 32
+    assert by[("uplift", "ratio", "forward", 8)]["data"]["pixels"] == 32 * 32
+    assert by[("uplift", "channels", "forward", 32)]["params"]["upsampler"] > \
+        by[("uplift", "channels", "forward", 8)]["params"]["upsampler"]
+    for x in (2, 8):
+        fwd, bwd = by[("uplift", "ratio", "forward", x)], by[("uplift", "ratio", "backward", x)]
+        assert bwd["data"]["gflops"] > 1.5 * fwd["data"]["gflops"]      # backward ~ 2x the forward's matmuls
+    titles = [t.title for t in report.scaling_tables(rows)]
+    assert any("forward + backward vs upsampling ratio (64 px image, 4x4 features)" in t for t in titles)
+    assert any(t.startswith("Scaling summary (log-log slopes vs channels)") for t in titles)
+    csv = report.render(rows, "csv", scaling=True).splitlines()
+    header = csv[0].split(",")
+    assert {"axis", "pass", "output_px", "ratio", "channels"} <= set(header)
+    assert sum(1 for line in csv[1:] if line.split(",")[header.index("pass")] == "backward") == 8
+
+    from upbench.viz import rows as figures
+
+    names = sorted(Path(p).name for p in figures.scaling(rows, tmp_path / "fig") if p.endswith(".png"))
+    assert len(names) == 4 and len(set(names)) == 4, names
+
+
 @pytest.mark.parametrize("args,needle", [
     (["sweep"], "which sweep?"),
     (["sweep", "scalng"], "unknown sweep 'scalng'; sweeps: scaling"),

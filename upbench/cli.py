@@ -211,9 +211,28 @@ def cmd_train(argv: List[str]) -> None:
     _hydra_main(flags + overrides, multirun, "train", _train_job)
 
 
+def upsampler_licences() -> List[Tuple[str, str]]:
+    """(name, licence) of every upsampler: the licence of the code its implementation follows and that of its
+    official weights, where declared."""
+    from .registry import UPSAMPLERS
+
+    out = []
+    for name in registered("upsampler"):
+        cls = UPSAMPLERS.get(name)
+        parts = [f"code {cls.licence}"] if getattr(cls, "licence", "") else []
+        weights = sorted({cfg.licence for cfg in (getattr(cls, "pretrained_cfgs", None) or {}).values()})
+        if weights:
+            parts.append(f"weights {', '.join(weights)}")
+        out.append((name, "; ".join(parts) or "not stated"))
+    return out
+
+
 def cmd_list(_: List[str]) -> None:
     for group in GROUPS[:-1]:
         print(f"{group}s: {', '.join(registered(group))}")
+    print("upsampler licences (the code each implementation follows; official weights):")
+    for name, licence in upsampler_licences():
+        print(f"  {name:<15} {licence}")
     print(f"sweeps: {', '.join(config_options('sweep'))}")
     print(f"clusters (slurm/cluster/): {', '.join(config_options('cluster'))}")
     print("protocols (protocol=<name>, configs/protocol/):")
@@ -387,7 +406,15 @@ COMMANDS = {"run": cmd_run, "train": cmd_train, "demo": cmd_demo, "list": cmd_li
             "report": cmd_report, "viz": cmd_viz, "status": cmd_status}
 
 
+#: OpenMP threads sleep while they wait instead of spinning (libgomp spins by default): on a shared CPU a spinning
+#: thread burns the time slice its partner needs, and UPLiFT's thousands of small ops each wait once.  Measured with
+#: benchmarks/loaded_cpu.py (README, "Shared CPUs").  Set before torch loads OpenMP; a user's own value wins.
+OMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def main(argv: Optional[List[str]] = None) -> None:
+    for key, value in OMP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP, end="")

@@ -17,8 +17,15 @@ def register_resolvers() -> None:
             return str(values)
         return sep.join(str(v) for v in values)
 
+    def shared_default() -> str:
+        """``../shared`` beside the source checkout upbench runs from (where the offline assets live), whatever the
+        working directory; ``UPBENCH_SHARED_DIR`` overrides it in ``paths.shared``."""
+        return str(config_dir().resolve().parent.parent / "shared")
+
     if not OmegaConf.has_resolver("join"):
         OmegaConf.register_new_resolver("join", join)
+    if not OmegaConf.has_resolver("upbench_shared"):
+        OmegaConf.register_new_resolver("upbench_shared", shared_default)
 
 
 def to_container(cfg: Any) -> Dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -240,6 +240,39 @@ def check_output(out: torch.Tensor, features: torch.Tensor, output_size: Sequenc
                            f"{(*features.shape[:2], *size)} (the output-size contract)")
 
 
+def _as_list(items: List[Any]) -> List[Any]:
+    return items   # a batch stays a list of item dicts: items differ in size, tasks stack what they need
+
+
+def loader_settings(cfg: Optional[Mapping[str, Any]], device: torch.device) -> Tuple[int, bool, float]:
+    """(workers, pin_memory, device feature budget in bytes) of the ``loader`` config section; ``auto``: on a GPU
+    up to 8 worker processes (one core left to the main process), pinned memory, and up to a quarter of the free
+    device memory for backbone features kept on the device; on a CPU none of these (the items load in the main
+    process and the features already live in the device's memory)."""
+    cfg = dict(cfg or {})
+    gpu = torch.device(device).type == "cuda"
+    workers = cfg.get("workers", "auto")
+    if workers in (None, "auto"):
+        workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if gpu else 0
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise UpbenchError(f"loader.workers={workers}: expected an integer >= 0 or auto")
+    pin = cfg.get("pin_memory", "auto")
+    pin = gpu if pin in (None, "auto") else pin
+    if not isinstance(pin, bool):
+        raise UpbenchError(f"loader.pin_memory={pin}: expected true, false or auto")
+    budget = cfg.get("device_features_gb", "auto")
+    if budget in (None, "auto"):
+        budget_bytes = 0.25 * torch.cuda.mem_get_info(torch.device(device))[0] if gpu else 0.0
+    else:
+        try:
+            budget_bytes = float(budget) * 2 ** 30
+        except (TypeError, ValueError):
+            budget_bytes = -1.0
+        if isinstance(budget, bool) or not budget_bytes >= 0:
+            raise UpbenchError(f"loader.device_features_gb={budget}: expected a number of GB >= 0 or auto")
+    return int(workers), bool(pin and gpu), float(budget_bytes)
+
+
 INPUT_NORMS = ("normalised", "official_unnormalised")
 RESIZE_AT = ("features", "logits", "labels")
 
@@ -252,12 +285,18 @@ class Pipeline:
     times its side / at ``feature_grid`` x its patch size (arbitrary-scale evaluation, the 2x-input baseline);
     ``upsampled_budget_gb``: keep upsampled features of dataset items in memory up to this size;
     ``compute_dtype``: None (float32) or bf16 / fp16: the upsampler (and, through :meth:`autocast`, the task's probe)
-    run under ``torch.autocast`` in it; results come back as float32."""
+    run under ``torch.autocast`` in it; results come back as float32; ``loader``: how dataset items are loaded
+    (``workers`` background processes, ``pin_memory``) and how many bytes of backbone features stay on the device
+    between epochs (``device_features_gb``), see :func:`loader_settings`."""
 
     def __init__(self, backbone, upsampler, device: torch.device, cache: Optional[FeatureCache] = None,
                  guidance_norm: str = "upsampler", upsampled_budget_gb: float = 0.0, input_norm: str = "normalised",
-                 backbone_scale: float = 1.0, feature_grid: Optional[int] = None, compute_dtype: Any = None):
+                 backbone_scale: float = 1.0, feature_grid: Optional[int] = None, compute_dtype: Any = None,
+                 loader: Optional[Mapping[str, Any]] = None):
         self.backbone, self.upsampler, self.device = backbone, upsampler, torch.device(device)
+        self.workers, self.pin_memory, self.device_budget = loader_settings(loader, self.device)
+        self._on_device: Dict[Tuple[Any, ...], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._on_device_bytes = 0
         self.compute_dtype = reduced_dtype(compute_dtype)
         self.cache = cache if cache is not None else FeatureCache(enabled=False)
         if guidance_norm == "upsampler":
@@ -330,6 +369,20 @@ class Pipeline:
         self.backbone_s.append(sw.seconds / max(1, image01.shape[0]))
         return out
 
+    def encode_with_bias(self, image01: torch.Tensor, patch_bias: torch.Tensor,
+                         grad: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features of a batch whose patch embedding gets ``patch_bias`` added (the backbone's documented
+        additive patch-token input, e.g. SimpleClick's click maps).  Never cached: the features depend on the bias,
+        so the per-image feature cache (keyed by image only) must not hold them.  ``grad``: gradients flow through
+        the frozen backbone to ``patch_bias`` (to train what produces it)."""
+        if self.feature_grid or self.backbone_scale != 1.0:
+            raise UpbenchError("a patch_bias needs the backbone to see the image at its own size; remove "
+                               "task.backbone_scale / task.feature_grid (and use an upsampler other than input2x)")
+        with (torch.enable_grad() if grad else torch.inference_mode()), Stopwatch(self.device) as sw:
+            out = self.backbone(self.backbone_input(image01), patch_bias=patch_bias.to(self.device))
+        self.backbone_s.append(sw.seconds / max(1, image01.shape[0]))
+        return out
+
     def features(self, image01: torch.Tensor, key: Optional[Tuple[Any, ...]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Features of one image (3, H, W) in [0, 1]: ((C, h, w), (n, C)) on the CPU, cached under ``key`` (which
         identifies the image; the backbone's identity is added here) when given."""
@@ -340,7 +393,17 @@ class Pipeline:
         if key is None:
             return tuple(t.detach().cpu() for t in compute())  # type: ignore[return-value]
         setting = (self.input_norm, self.backbone_scale, self.feature_grid)   # what the backbone saw
-        return self.cache.get((self.backbone.identity, setting, *key), compute)
+        full_key = (self.backbone.identity, setting, *key)
+        if full_key in self._on_device:
+            return self._on_device[full_key]
+        entry = self.cache.get(full_key, compute)
+        size = sum(t.numel() * t.element_size() for t in entry)
+        if self.cache.enabled and self._on_device_bytes + size <= self.device_budget:
+            # kept on the device while within the budget: later epochs copy nothing from the host
+            entry = tuple(t.to(self.device) for t in entry)  # type: ignore[assignment]
+            self._on_device[full_key] = entry
+            self._on_device_bytes += size
+        return entry
 
     def item_features(self, item: Mapping[str, Any], flip: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Cached features of a dataset item (``{"image", "id", "source"}``), optionally flipped horizontally."""
@@ -348,14 +411,34 @@ class Pipeline:
         key = (item.get("source"), item["id"], tuple(image.shape[-2:]), bool(flip))
         return self.features(image, key)
 
+    # ------------------------------------------------------------------ data
+    def loader(self, dataset: Any, batches: Optional[Sequence[Sequence[int]]] = None) -> Iterator[List[Any]]:
+        """The items of ``dataset`` as lists, one per entry of ``batches`` (lists of indices; default: every item
+        alone, in order), loaded by ``workers`` background processes (``torch.utils.data.DataLoader``) and pinned
+        for asynchronous copies when the job runs on a GPU.  The order is exactly ``batches``'."""
+        batches = [list(b) for b in batches] if batches is not None else [[i] for i in range(len(dataset))]
+        if not batches:
+            return iter(())
+        if self.workers == 0 and not self.pin_memory:
+            return ([dataset[i] for i in b] for b in batches)
+        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
+                                                collate_fn=_as_list, pin_memory=self.pin_memory))
+
+    def items(self, dataset: Any) -> Iterator[Any]:
+        """Every item of ``dataset`` in order, through :meth:`loader`."""
+        for batch in self.loader(dataset):
+            yield from batch
+
     # ------------------------------------------------------------------ upsampler side
-    def upsample(self, image01: torch.Tensor, features: torch.Tensor, output_size: Sequence[int]) -> torch.Tensor:
+    def upsample(self, image01: torch.Tensor, features: torch.Tensor, output_size: Sequence[int],
+                 grad: bool = False) -> torch.Tensor:
         """``upsampler(guidance(image01), features, output_size)`` under inference mode, device-synchronised and
         timed (seconds per image); the result must have exactly the features' batch and channels and
-        ``output_size``."""
+        ``output_size``.  ``grad``: gradients flow through the frozen upsampler to ``features`` (for tasks that
+        train what feeds the backbone, e.g. a click encoder)."""
         size = (int(output_size[0]), int(output_size[1]))
-        features = features.to(self.device)
-        with torch.inference_mode():
+        features = features.to(self.device, non_blocking=True)
+        with (torch.enable_grad() if grad else torch.inference_mode()):
             guide = self.guidance(image01)
             with Stopwatch(self.device) as sw, self.autocast():
                 out = self.upsampler(guide, features, size)

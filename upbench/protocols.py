@@ -18,8 +18,8 @@ Size = Tuple[int, int]
 @runtime_checkable
 class Upsampler(Protocol):
     """``forward(image, features, output_size) -> (B, C, H_out, W_out)``; ``image`` normalised with
-    ``image_mean`` / ``image_std``, ``features`` (B, C, h, w).  ``family``: "interpolation", "local" or
-    "cross-attention" (how cost grows with tokens)."""
+    ``image_mean`` / ``image_std``, ``features`` (B, C, h, w).  ``family``: "interpolation", "classical"
+    (training-free filters, linear in pixels), "local" or "cross-attention" (how cost grows with tokens)."""
 
     image_mean: Sequence[float]
     image_std: Sequence[float]

@@ -28,7 +28,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not strict JSON")
 
 #: config keys that do not change what a run computes
-HASH_EXCLUDE = ("paths", "force", "hydra", "threads")
+HASH_EXCLUDE = ("paths", "force", "hydra", "threads", "loader")
 
 
 def config_hash(config: Mapping[str, Any], exclude: Iterable[str] = HASH_EXCLUDE) -> str:
@@ -128,6 +128,7 @@ def device_info(device: Any) -> Dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(device)
     info["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
     info["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
+    info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")   # how CPU threads wait (a timing setting)
     compat = sys.modules.get("upbench.compat")
     info["torchvision_fallback"] = bool(getattr(compat, "FALLBACK_ACTIVE", False))
     return info

@@ -126,7 +126,8 @@ def run_job(cfg_in: Any, log: Optional[Callable[[str], None]] = None,
                     upsampled_budget_gb=float(cache_cfg.get("upsampled_gb", 0.0) or 0.0),
                     input_norm=task_cfg.get("input_norm", "normalised"),
                     backbone_scale=float(task_cfg.get("backbone_scale", 1.0) or 1.0),
-                    feature_grid=task_cfg.get("feature_grid"), compute_dtype=cfg.get("compute_dtype"))
+                    feature_grid=task_cfg.get("feature_grid"), compute_dtype=cfg.get("compute_dtype"),
+                    loader=cfg.get("loader"))
     torch.manual_seed(int(cfg["seed"]))  # again: building (or reusing) models must not shift the task's randomness
     checkpoint = store.checkpoint_path(key)   # long tasks resume from it after a requeue or a re-run
     load_start = results.load_average()
@@ -170,7 +171,7 @@ def run_training(cfg_in: Any, log: Optional[Callable[[str], None]] = None, progr
     data = build_images(cfg["data"], seed=int(cfg["seed"]))
     _check_data(task, data)
     cache = FeatureCache(enabled=bool(cfg["train"].get("cache_features", True)))
-    pipe = Pipeline(backbone, model, device, cache)
+    pipe = Pipeline(backbone, model, device, cache, loader=cfg.get("loader"))
     return task.run(Job(cfg=cfg["train"], full_cfg=cfg, pipe=pipe, train_set=data, val_set=None, device=device,
                         seed=int(cfg["seed"]), log=log, out_dir=results.train_weights_path(cfg).parent,
                         progress=progress))

@@ -41,6 +41,12 @@ CPU_DEFAULTS = {"memory_limit_gb": 8.0, "time_limit_s": 60.0}
 GPU_DEFAULTS = {"memory_limit_gb": 24.0, "time_limit_s": 600.0}
 #: statuses after which the larger sizes of that upsampler are not tried
 STOP_STATUSES = ("oom", "timeout", "error")
+#: what varies along a curve: the image side (tokens), the upsampling factor at one image side (ratio: the output is
+#: ratio x the feature grid, the image stays, as NAF's efficiency tests), the channel count at one image side
+AXES = ("tokens", "ratio", "channels")
+#: forward: inference; backward: forward + backward of the output's sum in train mode, with gradients for the
+#: upsampler's parameters and the input features (an upsampler's training step; parameter-free methods: features)
+PASSES = ("forward", "backward")
 RESULT_TAG = "UPBENCH_POINT "
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc",
                 "failed to allocate", "memoryerror")
@@ -100,7 +106,48 @@ def resolve(cfg: Dict[str, Any], quick: bool = False) -> Dict[str, Any]:
     if not sizes or sizes[0] < patch:
         raise UpbenchError(f"{key}={s['sizes']}: expected a non-empty list of image sides >= the patch size {patch}")
     s["sizes"] = sizes
+    s["axes"] = _names_list(s.get("axes", ["tokens"]), AXES, "axes")
+    s["passes"] = _names_list(s.get("passes", ["forward"]), PASSES, "passes")
+    for axis, values_key in (("ratio_axis", "factors"), ("channel_axis", "values")):
+        sec = dict(s.get(axis) or {})
+        vals = sec.get(values_key)
+        where = f"{axis}.{values_key}"
+        if not isinstance(vals, (list, tuple)) or not vals or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in vals):
+            raise UpbenchError(f"{where}={vals}: expected a non-empty list of positive integers")
+        side = sec.get("size")
+        if not isinstance(side, int) or isinstance(side, bool) or side < patch:
+            raise UpbenchError(f"{axis}.size={side}: expected an image side in px >= the patch size {patch}")
+        sec[values_key] = sorted(set(vals))
+        s[axis] = sec
     return s
+
+
+def _names_list(value: Any, valid: Sequence[str], key: str) -> List[str]:
+    names = [value] if isinstance(value, str) else list(value or [])
+    bad = [str(n) for n in names if n not in valid]
+    if bad or not names:
+        raise UpbenchError(f"{key}={value}: expected a list of {', '.join(valid)}")
+    return list(dict.fromkeys(names))
+
+
+def plan(s: Dict[str, Any]) -> List[Tuple[str, str, List[Tuple[int, int, int, int]]]]:
+    """(axis, pass, points) per curve; a point is (image side, feature grid, output side, channels), in increasing
+    cost along the axis."""
+    p, C = s["patch_size"], s["channels"]
+    curves = []
+    for axis in s["axes"]:
+        if axis == "tokens":
+            points = [(z // p * p, z // p, z // p * p, C) for z in s["sizes"]]
+        elif axis == "ratio":
+            side = s["ratio_axis"]["size"]
+            points = [(side // p * p, side // p, side // p * r, C) for r in s["ratio_axis"]["factors"]]
+        else:
+            side = s["channel_axis"]["size"] // p * p
+            points = [(side, side // p, side, c) for c in s["channel_axis"]["values"]]
+        for pass_ in s["passes"]:
+            curves.append((axis, pass_, points))
+    return curves
 
 
 def device_label(device: str) -> Dict[str, str]:
@@ -122,18 +169,35 @@ def _cpu_name() -> Optional[str]:
     return None
 
 
-def point_config(s: Dict[str, Any], name: str, size: int, device: Dict[str, str]) -> Dict[str, Any]:
-    """Everything that decides a point's numbers (hashed into its row key)."""
+def point_config(s: Dict[str, Any], name: str, size: int, device: Dict[str, str], axis: str = "tokens",
+                 pass_: str = "forward", output: Optional[int] = None,
+                 channels: Optional[int] = None) -> Dict[str, Any]:
+    """Everything that decides a point's numbers (hashed into its row key).  The defaults are a tokens-axis
+    forward point: image ``size``, features size // patch, output = the image."""
     kwargs = upsampler_kwargs(s, name)
     grid = size // s["patch_size"]
-    return {
+    pcfg = {
         "task": "scaling", "tag": s.get("tag"),
         "upsampler": {"name": name, "kwargs": kwargs},
-        "backbone": {"name": s["backbone"]["name"], "channels": s["channels"], "patch_size": s["patch_size"]},
+        "backbone": {"name": s["backbone"]["name"], "channels": int(channels or s["channels"]),
+                     "patch_size": s["patch_size"]},
         "size": grid * s["patch_size"], "grid": grid, "batch": int(s["batch"]), "dtype": str(s["dtype"]),
         "warmup": int(s["warmup"]), "runs": int(s["runs"]), "memory_limit_gb": s["memory_limit_gb"],
         "time_limit_s": s["time_limit_s"], "device": device, "cpu_threads": s["threads"], "seed": int(s["seed"]),
     }
+    # only off the default curve: a tokens-axis forward point keeps the key it has always had
+    if axis != "tokens" or pass_ != "forward" or (output is not None and output != pcfg["size"]):
+        pcfg.update(axis=axis, **{"pass": pass_}, output=int(output or pcfg["size"]))
+    return pcfg
+
+
+def point_axis(pcfg: Dict[str, Any]) -> Tuple[str, str, int, int]:
+    """(axis, pass, output side, x) of a point config: x is the value that varies along its curve."""
+    axis, pass_ = pcfg.get("axis", "tokens"), pcfg.get("pass", "forward")
+    output = int(pcfg.get("output", pcfg["size"]))
+    x = {"tokens": pcfg["grid"] ** 2, "ratio": output // max(1, pcfg["grid"]),
+         "channels": pcfg["backbone"]["channels"]}[axis]
+    return axis, pass_, output, x
 
 
 def upsampler_kwargs(s: Dict[str, Any], name: str) -> Dict[str, Any]:
@@ -153,8 +217,9 @@ def run_sweep(cfg: Dict[str, Any], quick: bool = False, log=None) -> List[Dict[s
     store = results.ResultStore(s["paths"]["results"])
     device = device_label(s["device"])
     log(f"sweep scaling: {len(s['upsamplers'])} upsamplers x sizes {s['sizes']} (patch {s['patch_size']}, "
-        f"C={s['channels']}), {s['warmup']} warm-up + {s['runs']} runs, {device['type']} '{device['name']}', "
-        f"{s['threads']} threads, cap {s['memory_limit_gb']:g} GB, {s['time_limit_s']:g} s per point")
+        f"C={s['channels']}), axes {','.join(s['axes'])}, passes {','.join(s['passes'])}, {s['warmup']} warm-up + "
+        f"{s['runs']} runs, {device['type']} '{device['name']}', {s['threads']} threads, cap "
+        f"{s['memory_limit_gb']:g} GB, {s['time_limit_s']:g} s per point")
     rows: List[Dict[str, Any]] = []
     server = WorkerServer.start(s) if _forks(s) else None
     try:
@@ -178,26 +243,42 @@ def _forks(s: Dict[str, Any]) -> bool:
 def _run_points(s, store, device, server, rows, log) -> None:
     from .progress import bar
 
-    points = bar(total=len(s["upsamplers"]) * len(s["sizes"]), desc="sweep points")
+    curves = plan(s)
+    points = bar(total=len(s["upsamplers"]) * sum(len(c[2]) for c in curves), desc="sweep points")
     for name in s["upsamplers"]:
         family = getattr(UPSAMPLERS.get(name), "family", "learned")
-        for size in s["sizes"]:
-            points.update(1)
-            pcfg = point_config(s, name, size, device)
-            key = results.config_hash(pcfg)
-            if store.exists(key) and not s.get("force"):
-                row = store.read(key)
-                log(f"  [done] {name:>9} {pcfg['grid'] ** 2:>6} tokens: {_short(row)}")
-            else:
-                row = measure_point(pcfg, key, family, s, server)
-                store.write(row)
-                log(f"  [new]  {name:>9} {pcfg['grid'] ** 2:>6} tokens: {_short(row)}")
-            rows.append(row)
-            if row["status"] in STOP_STATUSES:
-                rest = [z for z in s["sizes"] if z > size]
-                if rest:
-                    log(f"  [skip] {name:>9} sizes {rest}: stopped by {row['status']} at {size} px")
-                break
+        for axis, pass_, pts in curves:
+            for size, _grid, output, channels in pts:
+                points.update(1)
+                pcfg = point_config(s, name, size, device, axis, pass_, output, channels)
+                key = results.config_hash(pcfg)
+                what = _point_label(pcfg)
+                if store.exists(key) and not s.get("force"):
+                    row = store.read(key)
+                    log(f"  [done] {name:>9} {what}: {_short(row)}")
+                else:
+                    row = measure_point(pcfg, key, family, s, server)
+                    store.write(row)
+                    log(f"  [new]  {name:>9} {what}: {_short(row)}")
+                rows.append(row)
+                if row["status"] in STOP_STATUSES:
+                    rest = pts[pts.index((size, _grid, output, channels)) + 1:]
+                    if rest:
+                        what = {"tokens": ("sizes", 0), "ratio": ("ratios", None), "channels": ("channels", 3)}[axis]
+                        xs = [p[what[1]] if what[1] is not None else p[2] // max(1, p[1]) for p in rest]
+                        log(f"  [skip] {name:>9} {what[0]} {xs}{'' if pass_ == 'forward' else ' (' + pass_ + ')'}: "
+                            f"stopped by {row['status']} at {_point_label(pcfg).strip()}")
+                    break
+
+
+def _point_label(pcfg: Dict[str, Any]) -> str:
+    axis, pass_, output, x = point_axis(pcfg)
+    suffix = "" if pass_ == "forward" else f" ({pass_})"
+    if axis == "ratio":
+        return f"ratio {x:>3}x ({pcfg['grid']}^2 -> {output} px){suffix}"
+    if axis == "channels":
+        return f"C={x:>5} ({pcfg['size']} px){suffix}"
+    return f"{x:>6} tokens{suffix}"
 
 
 def _short(row: Dict[str, Any]) -> str:
@@ -221,6 +302,7 @@ def measure_point(pcfg: Dict[str, Any], key: str, family: str, s: Dict[str, Any]
     """Run one point in a fresh worker (forked by ``server`` when given, else a new process) and turn its report
     into a result row."""
     spec = {**pcfg, "device_str": s["device"]}
+    axis, pass_, output, x = point_axis(pcfg)
     t0 = time.perf_counter()
     outcome = server.run(spec, s["worker_timeout_s"]) if server is not None else None
     if outcome is None:   # no server, or it is gone: a new process for this point
@@ -248,10 +330,13 @@ def measure_point(pcfg: Dict[str, Any], key: str, family: str, s: Dict[str, Any]
         pcfg, key, report["status"], timing=timing,
         memory={"peak_mb": report.get("peak_mb"), "method": report.get("memory_method"),
                 "limit_gb": pcfg["memory_limit_gb"]},
-        data={"size": pcfg["size"], "grid": pcfg["grid"], "tokens": pcfg["grid"] ** 2, "pixels": pcfg["size"] ** 2,
-              "batch": pcfg["batch"], "family": family, "gflops": report.get("gflops")},
+        data={"size": pcfg["size"], "grid": pcfg["grid"], "tokens": pcfg["grid"] ** 2, "pixels": output ** 2,
+              "batch": pcfg["batch"], "family": family, "gflops": report.get("gflops"), "axis": axis,
+              "pass": pass_, "output": output, "ratio": output / pcfg["grid"],
+              "channels": pcfg["backbone"]["channels"], "x": x},
         params={"upsampler": report.get("params", 0)}, error=report.get("error"), versions=results.versions(),
-        device={**pcfg["device"], "threads": report.get("threads", pcfg["cpu_threads"])},
+        device={**pcfg["device"], "threads": report.get("threads", pcfg["cpu_threads"]),
+                "omp_wait_policy": _worker_env(s).get("OMP_WAIT_POLICY")},
         wall_s=round(wall, 2), finished=results.now())
 
 
@@ -319,10 +404,23 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     dtype = parse_dtype(spec["dtype"], "sweep")
     C, p, g = spec["backbone"]["channels"], spec["backbone"]["patch_size"], spec["grid"]
     B, size = int(spec["batch"]), int(spec["size"])
+    out_side = int(spec.get("output", size))
+    backward = spec.get("pass", "forward") == "backward"
     model = UPSAMPLERS.create(spec["upsampler"]["name"], in_channels=C, patch_size=p, **spec["upsampler"]["kwargs"])
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.to(device=device, dtype=dtype)
+    # backward: the training step's cost (train mode, gradients for the weights and the input features)
+    model = model.train().requires_grad_(True) if backward else model.eval().requires_grad_(False)
     image = torch.randn(B, 3, size, size, device=device, dtype=dtype)
-    feats = torch.randn(B, C, g, g, device=device, dtype=dtype)
+    feats = torch.randn(B, C, g, g, device=device, dtype=dtype, requires_grad=backward)
+
+    def step(img: torch.Tensor, f: torch.Tensor, hw: Tuple[int, int]) -> Optional[torch.Tensor]:
+        if not backward:
+            with torch.inference_mode():
+                return model(img, f, hw)
+        model.zero_grad(set_to_none=True)
+        f.grad = None
+        model(img, f, hw).float().sum().backward()
+        return None
     out: Dict[str, Any] = {"params": int(sum(t.numel() for t in model.parameters())),
                            "threads": torch.get_num_threads()}
     cap = float(spec["memory_limit_gb"]) * 2 ** 30
@@ -335,11 +433,11 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     # point's memory; a model that rejects the tiny shape is simply measured cold
     tiny = min(g, 2)
     try:
-        with torch.inference_mode():
-            model(torch.randn(B, 3, tiny * p, tiny * p, device=device, dtype=dtype),
-                  torch.randn(B, C, tiny, tiny, device=device, dtype=dtype), (tiny * p, tiny * p))
+        step(torch.randn(B, 3, tiny * p, tiny * p, device=device, dtype=dtype),
+             torch.randn(B, C, tiny, tiny, device=device, dtype=dtype, requires_grad=backward), (tiny * p, tiny * p))
     except Exception:  # noqa: BLE001
         pass
+    hw = (out_side, out_side)
 
     # ---- first forward: peak memory and the time estimate.  It runs before anything large has been freed in
     # this process, so the allocator has no retained memory to hide the rise of the peak RSS.
@@ -358,17 +456,17 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
             resource.setrlimit(resource.RLIMIT_AS, (size_kb * 1024 + int(cap), hard))
         out["memory_method"] = "rss_hwm" if _reset_peak_rss() else "ru_maxrss"
     try:
-        with torch.inference_mode():
-            sync()
-            t0 = time.perf_counter()
-            y = model(image, feats, (size, size))
-            sync()
-            first = time.perf_counter() - t0
+        sync()
+        t0 = time.perf_counter()
+        y = step(image, feats, hw)
+        sync()
+        first = time.perf_counter() - t0
+        if y is not None:
             try:
-                check_output(y, feats, (size, size))
+                check_output(y, feats, hw)
             except UpbenchError as exc:
                 return {**out, "status": "error", "error": str(exc)}
-            del y
+        del y
     except BaseException as exc:  # noqa: BLE001  (an allocation failure may surface as several types)
         if _is_oom(exc):
             return {**out, "status": "oom", "error": _first_line(exc)}
@@ -387,8 +485,8 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(image, feats, (size, size))
+    with counter:
+        step(image, feats, hw)
     out["gflops"] = counter.get_total_flops() / 1e9
     out["first_ms"] = first * 1e3
     out["clock"] = "cuda_events" if cuda else "perf_counter"
@@ -403,16 +501,15 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     out["load_start"] = _load_average()
     times: List[float] = []
     try:
-        with torch.inference_mode():
-            for _ in range(max(0, warmup - 2)):
-                model(image, feats, (size, size))
-            sync()
-            if cuda:
-                times = cuda_event_times(device, lambda: model(image, feats, (size, size)), runs)
-            for _ in range(0 if cuda else runs):
-                t0 = time.perf_counter()
-                model(image, feats, (size, size))
-                times.append((time.perf_counter() - t0) * 1e3)
+        for _ in range(max(0, warmup - 2)):
+            step(image, feats, hw)
+        sync()
+        if cuda:
+            times = cuda_event_times(device, lambda: step(image, feats, hw), runs)
+        for _ in range(0 if cuda else runs):
+            t0 = time.perf_counter()
+            step(image, feats, hw)
+            times.append((time.perf_counter() - t0) * 1e3)
     except BaseException as exc:  # noqa: BLE001
         if _is_oom(exc):
             return {**out, "status": "oom", "error": _first_line(exc)}

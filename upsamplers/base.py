@@ -136,8 +136,12 @@ class Upsampler(nn.Module, PyTorchModelHubMixin, library_name="upbench", tags=["
     image_std: ClassVar[Sequence[float]] = (0.229, 0.224, 0.225)
     #: True for methods with no learned weights
     parameter_free: ClassVar[bool] = False
-    #: how cost grows with the number of tokens: "interpolation", "local" (convolutions / fixed neighbourhoods:
-    #: linear in pixels) or "cross-attention" (every pixel attends to the tokens: pixels x tokens)
+    #: licence of the method's code that this implementation follows ("" where not stated); official weights carry
+    #: their own in ``pretrained_cfgs``.  Both are shown by ``upbench list``.
+    licence: ClassVar[str] = ""
+    #: how cost grows with the number of tokens: "interpolation", "classical" (training-free image filters: linear in
+    #: pixels), "local" (convolutions / fixed neighbourhoods: linear in pixels) or "cross-attention" (every pixel
+    #: attends to the tokens: pixels x tokens)
     family: ClassVar[str] = "local"
     #: True for methods that reach their output in repeated 2x steps and expose every step through
     #: ``forward_steps(image, features, iters) -> [2x, 4x, ...]`` (the ``stability`` task measures their drift)
@@ -260,6 +264,7 @@ class Upsampler(nn.Module, PyTorchModelHubMixin, library_name="upbench", tags=["
 class _Interpolate(Upsampler):
     parameter_free = True
     family = "interpolation"
+    licence = "BSD-3-Clause (PyTorch F.interpolate)"
     mode: ClassVar[str] = "bilinear"
 
     def __init__(self, in_channels: Optional[int] = None, patch_size: Optional[int] = None):

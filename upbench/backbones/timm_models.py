@@ -72,6 +72,41 @@ def _load_local_weights(model: nn.Module, path: str, remap: Optional[str] = None
     checkpoints.load_strict(model, sd, f"backbone weights {path}")
 
 
+def _add_bias(module: nn.Module, bias: Optional[torch.Tensor]):
+    """A context in which ``module``'s output gets ``bias`` (B, C, h, w) added: the additive patch-token input of
+    :meth:`TimmViT.forward` / :meth:`TimmCNN.forward`.  The output may be NCHW, NHWC (timm's dynamic-size patch
+    embedding) or flattened tokens (B, h*w, C); ``None`` adds no hook at all (the call is untouched)."""
+    import contextlib
+
+    if bias is None:
+        return contextlib.nullcontext()
+
+    def hook(_mod, _inp, out):
+        b = bias.to(out.dtype)
+        if out.dim() == 3:                                              # (B, N, C) tokens
+            want = (out.shape[0], out.shape[1], out.shape[2])
+            b = b.flatten(2).transpose(1, 2)
+        elif out.dim() == 4 and tuple(out.shape[1:3]) == tuple(b.shape[-2:]) and out.shape[-1] == b.shape[1]:
+            want, b = tuple(out.shape), b.permute(0, 2, 3, 1)           # NHWC
+        else:
+            want = tuple(out.shape)                                     # NCHW
+        if tuple(b.shape) != tuple(want):
+            raise UpbenchError(f"patch_bias {tuple(bias.shape)} does not fit the patch embedding {tuple(out.shape)}; "
+                               "it must be (B, embed_channels, H // embed_stride, W // embed_stride)")
+        return out + b
+
+    class _Hooked(contextlib.AbstractContextManager):
+        def __enter__(self):
+            self.handle = module.register_forward_hook(hook)
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.remove()
+            return False
+
+    return _Hooked()
+
+
 class TimmViT(Backbone):
     """Any timm ViT with ``forward_intermediates`` (DINOv2, DINOv3, CLIP, SigLIP, ...)."""
 
@@ -95,11 +130,17 @@ class TimmViT(Backbone):
         cfg = self.model.pretrained_cfg
         self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        # the additive patch-token input (forward's patch_bias) lives in the patch embedding's space
+        self.embed_channels, self.embed_stride = self.channels, self.patch_size
         self.eval().requires_grad_(False)
 
-    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        (feats, prefix), = self.model.forward_intermediates(
-            image, indices=1, return_prefix_tokens=True, norm=True, output_fmt="NCHW", intermediates_only=True)
+    def forward(self, image: torch.Tensor, patch_bias: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``patch_bias``: optional (B, embed_channels, H // embed_stride, W // embed_stride) added to the patch
+        embedding before the position embedding and the blocks (SimpleClick's click maps); None = the plain model."""
+        with _add_bias(self.model.patch_embed, patch_bias):
+            (feats, prefix), = self.model.forward_intermediates(
+                image, indices=1, return_prefix_tokens=True, norm=True, output_fmt="NCHW", intermediates_only=True)
         return feats, prefix
 
 
@@ -126,10 +167,20 @@ class TimmCNN(Backbone):
         cfg = full.pretrained_cfg
         self.mean = tuple(mean or cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(std or cfg.get("std", (0.229, 0.224, 0.225)))
+        # a CNN's "patch embedding" is its stem (conv + norm + activation); patch_bias is added to its output
+        self._stem = getattr(self.model, "bn1", None) or getattr(self.model, "conv_stem", None)
+        self.embed_channels = int(getattr(getattr(self.model, "conv_stem", None), "out_channels", 0))
+        self.embed_stride = int((getattr(getattr(self.model, "conv_stem", None), "stride", None) or (0,))[0])
         self.eval().requires_grad_(False)
 
-    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        feats = self.model(image)[0]
+    def forward(self, image: torch.Tensor, patch_bias: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``patch_bias``: optional (B, embed_channels, H // embed_stride, W // embed_stride) added to the stem's
+        output; None = the plain model."""
+        if patch_bias is not None and self._stem is None:
+            raise UpbenchError(f"backbone '{self.name}' has no stem to add a patch_bias to")
+        with _add_bias(self._stem, patch_bias):
+            feats = self.model(image)[0]
         return feats, feats.new_zeros(feats.shape[0], 0, feats.shape[1])
 
 

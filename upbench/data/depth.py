@@ -365,6 +365,12 @@ def render_scene(seed: int, split: str, index: int, size: int) -> Tuple[np.ndarr
     return np.clip(image, 0, 1).astype(np.float32), np.minimum(depth, MAX_DEPTH).astype(np.float32)
 
 
+def scene_focal(seed: int, split: str, index: int, size: int) -> float:
+    """The focal length (px) :func:`render_scene` drew for a scene: the first draw of the same stream (tasks that
+    derive surface normals from depth need the camera)."""
+    return float(size * np.random.default_rng([seed, SPLIT_IDS.get(split, 3), index]).uniform(0.9, 1.3))
+
+
 @DATASETS.register("demo_depth")
 class DemoDepth(GeneratedItems, DepthDataset):
     """Embedded depth set, no download: ray-cast scenes of scikit-image textures with exact depth (metres)."""
@@ -378,4 +384,5 @@ class DemoDepth(GeneratedItems, DepthDataset):
     def make(self, i: int) -> Dict[str, object]:
         image, depth = render_scene(self.seed, self.split, i, self.img_size)
         return {"image": torch.from_numpy(image.transpose(2, 0, 1).copy()), "depth": torch.from_numpy(depth),
-                "id": f"demo_depth_{self.split}_{i:04d}"}
+                "id": f"demo_depth_{self.split}_{i:04d}",
+                "focal_px": scene_focal(self.seed, self.split, i, self.img_size)}

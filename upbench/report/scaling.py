@@ -48,6 +48,46 @@ def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> Optional[float]:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
 
 
+#: per sweep axis: what varies (titles), the table's row header, the unit of a point's x
+AXES = {"tokens": ("tokens", "Tokens (px)"), "ratio": ("upsampling ratio", "Ratio (output px)"),
+        "channels": ("channels", "Channels")}
+PASS_LABELS = {"forward": "forward", "backward": "forward + backward"}
+
+
+def axis_of(row: Dict[str, Any]) -> Tuple[str, str]:
+    """(axis, pass) of a sweep point; rows written before the other curves existed are tokens / forward."""
+    d = row.get("data") or {}
+    return d.get("axis", "tokens"), d.get("pass", "forward")
+
+
+def x_of(row: Dict[str, Any]) -> float:
+    """The value that varies along the point's curve (tokens, upsampling ratio or channels)."""
+    d = row["data"]
+    return d["x"] if d.get("x") is not None else d["tokens"]
+
+
+def x_label(row: Dict[str, Any]) -> str:
+    axis, _ = axis_of(row)
+    d = row["data"]
+    if axis == "ratio":
+        return f"{x_of(row)}x ({d.get('output', d['size'])} px)"
+    if axis == "channels":
+        return f"{x_of(row)}"
+    return f"{d['tokens']} ({d['size']} px)"
+
+
+def _curve_label(row: Dict[str, Any]) -> str:
+    axis, pass_ = axis_of(row)
+    d = row["data"]
+    if axis == "ratio":
+        what = f"vs upsampling ratio ({d['size']} px image, {d['grid']}x{d['grid']} features)"
+    elif axis == "channels":
+        what = f"vs channels ({d['size']} px)"
+    else:
+        what = "vs tokens"
+    return f"{PASS_LABELS[pass_]} {what}"
+
+
 def _scaling_groups(rows: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, ...], List[Dict[str, Any]]]:
     groups: Dict[Tuple[str, ...], List[Dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -55,7 +95,7 @@ def _scaling_groups(rows: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, ...], Lis
             continue
         c = r.get("config", {})
         dev = c.get("device", {})
-        key = (r["backbone"], f"tag {c['tag']}" if c.get("tag") else "",
+        key = (r["backbone"], _curve_label(r), f"tag {c['tag']}" if c.get("tag") else "",
                f"{dev.get('type', '?')} ({dev.get('name', '?')})", str(c.get("dtype", "?")),
                f"{c.get('cpu_threads', '?')} threads" if dev.get("type") == "cpu" else "",
                f"cap {c.get('memory_limit_gb', '?'):g} GB" if isinstance(c.get("memory_limit_gb"), (int, float)) else "")
@@ -64,7 +104,8 @@ def _scaling_groups(rows: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, ...], Lis
 
 
 def scaling_summary(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """Per upsampler: slopes of time and memory versus tokens, the largest tokens reached, what stopped it.
+    """Per upsampler: slopes of time and memory versus the curve's x (tokens, ratio or channels; ``max_tokens`` is
+    the largest x reached), what stopped it.
 
     The time slope is fitted on the fully timed points that are not flagged (:func:`point_flags`); with fewer than
     MIN_SLOPE_POINTS of those it falls back to every point with a time (flagged, or timed once at the time limit),
@@ -75,7 +116,7 @@ def scaling_summary(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]
         by_up[r["upsampler"]].append(r)
     out: Dict[str, Dict[str, Any]] = {}
     for up in _order(by_up, UPSAMPLER_ORDER):
-        rs = sorted(by_up[up], key=lambda r: r["data"]["tokens"])
+        rs = sorted(by_up[up], key=x_of)
         timed = [r for r in rs if r["status"] == "ok" and r["timing"].get("median_ms") and not point_flags(r)]
         mem = [r for r in rs if r["status"] in ("ok", "time_limit") and r["memory"].get("peak_mb")]
         reached = [r for r in rs if r["status"] in ("ok", "time_limit")]
@@ -89,7 +130,7 @@ def scaling_summary(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]
         def slope(points: List[Dict[str, Any]], value) -> Optional[float]:
             if len(points) < MIN_SLOPE_POINTS:
                 return None
-            return fit_slope([r["data"]["tokens"] for r in points], [value(r) for r in points])
+            return fit_slope([x_of(r) for r in points], [value(r) for r in points])
 
         time_slope = slope(timed, lambda r: r["timing"]["median_ms"])
         out[up] = {
@@ -100,11 +141,12 @@ def scaling_summary(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]
             "time_slope_top": slope(top, lambda r: r["timing"]["median_ms"]),
             "memory_slope": slope(mem, lambda r: r["memory"]["peak_mb"]),
             "flagged": sum(1 for r in rs if point_flags(r)),
-            "max_tokens": reached[-1]["data"]["tokens"] if reached else None,
+            "max_tokens": x_of(reached[-1]) if reached else None,
             "max_size": reached[-1]["data"]["size"] if reached else None,
-            "stopped": (f"{SCALING_FAIL_LABELS[failed[0]['status']]} at {failed[0]['data']['tokens']}" if failed else
+            "max_label": x_label(reached[-1]) if reached else None,
+            "stopped": (f"{SCALING_FAIL_LABELS[failed[0]['status']]} at {x_of(failed[0])}" if failed else
                         "time limit" if rs[-1]["status"] == "time_limit" else "–"),
-            "gflops": {r["data"]["tokens"]: r["data"].get("gflops") for r in rs},
+            "gflops": {x_of(r): r["data"].get("gflops") for r in rs},
         }
     return out
 
@@ -114,22 +156,26 @@ def _title(key: Tuple[str, ...]) -> str:
 
 
 def scaling_tables(rows: Sequence[Dict[str, Any]]) -> List[Table]:
-    """Per (backbone, device, dtype, threads, cap): forward time and peak memory (rows = tokens, columns =
-    upsamplers), then a summary per upsampler with the log-log slopes and the largest token count reached."""
+    """Per (backbone, curve, device, dtype, threads, cap): time and peak memory (rows = the curve's x: tokens,
+    upsampling ratio or channels; columns = upsamplers), then a summary per upsampler with the log-log slopes and the
+    largest x reached."""
     tables = []
     for key, grp in sorted(_scaling_groups(rows).items()):
         title = _title(key)
+        axis, pass_ = axis_of(grp[0])
+        what_x, row_header = AXES[axis]
         ups = _order((r["upsampler"] for r in grp), UPSAMPLER_ORDER)
-        cell = {(r["upsampler"], r["data"]["tokens"]): r for r in grp}
-        tokens = sorted({r["data"]["tokens"] for r in grp})
-        size_of = {r["data"]["tokens"]: r["data"]["size"] for r in grp}
+        cell = {(r["upsampler"], x_of(r)): r for r in grp}
+        xs = sorted({x_of(r) for r in grp})
+        label_of = {x_of(r): x_label(r) for r in grp}
         runs = sorted({r["timing"].get("runs", 0) for r in grp if r["status"] == "ok"})
         flagged = {f for r in grp for f in point_flags(r)}
+        timed_what = "forward + backward steps" if pass_ == "backward" else "forwards"
         for what in ("time", "memory"):
             cols = [("", u) for u in ups]
             unit = "median ms (IQR)" if what == "time" else "peak MB"
-            t = Table(f"Scaling {what} ({unit}) - {title}", cols, row_header="Tokens (px)")
-            for n in tokens:
+            t = Table(f"Scaling {what} ({unit}) - {title}", cols, row_header=row_header)
+            for n in xs:
                 cells: Dict[Tuple[str, str], Any] = {}
                 for u in ups:
                     r = cell.get((u, n))
@@ -144,11 +190,14 @@ def scaling_tables(rows: Sequence[Dict[str, Any]]) -> List[Table]:
                     else:
                         mb = r["memory"].get("peak_mb")
                         cells[("", u)] = "–" if mb is None else f"{mb:.0f}"
-                t.rows.append((f"{n} ({size_of[n]} px)", cells))
+                t.rows.append((label_of[n], cells))
             if what == "time":
-                t.notes.append(f"median (IQR) of {'/'.join(map(str, runs)) or '?'} timed forwards after warm-up; "
-                               "* = one forward only (the point's time limit); OOM = over the memory cap; "
-                               "– = not run (a smaller size already failed)")
+                t.notes.append(f"median (IQR) of {'/'.join(map(str, runs)) or '?'} timed {timed_what} after warm-up; "
+                               "* = one only (the point's time limit); OOM = over the memory cap; "
+                               "– = not run (a smaller point already failed)")
+                if pass_ == "backward":
+                    t.notes.append("forward + backward of the output's sum in train mode, gradients for the "
+                                   "upsampler's weights and the input features (one training step's cost)")
                 if "noisy" in flagged:
                     t.notes.append(f"† noisy: IQR above {NOISY_IQR:.0%} of the median; not used for slopes")
                 if "loaded" in flagged:
@@ -156,26 +205,27 @@ def scaling_tables(rows: Sequence[Dict[str, Any]]) -> List[Table]:
                                    "not used for slopes; re-run on a quiet machine")
             tables.append(t)
         summ = scaling_summary(grp)
-        ref_tokens = min(tokens, key=lambda n: abs(size_of[n] - 448))
+        ref = _reference_x(axis, xs, grp)
         top_col = any(s["time_slope_top"] is not None for s in summ.values())
-        cols = [("", "Family"), ("", "Params (M)"), ("", f"GFLOPs @{size_of[ref_tokens]}px"), ("", "Time slope")]
+        flops_col = f"GFLOPs @{label_of[ref]}"
+        cols = [("", "Family"), ("", "Params (M)"), ("", flops_col), ("", "Time slope")]
         cols += [("", "Time slope (top 3)")] if top_col else []
-        cols += [("", "Memory slope"), ("", "Max tokens"), ("", "Stopped by")]
-        t = Table(f"Scaling summary (log-log slopes vs tokens) - {title}", cols)
+        cols += [("", "Memory slope"), ("", f"Max {what_x}"), ("", "Stopped by")]
+        t = Table(f"Scaling summary (log-log slopes vs {what_x}) - {title}", cols)
         for u in ups:
             s = summ[u]
-            g = s["gflops"].get(ref_tokens)
+            g = s["gflops"].get(ref)
             cells = {
                 ("", "Family"): s["family"], ("", "Params (M)"): f"{s['params_m']:.2f}" if s["params_m"] else "–",
-                ("", f"GFLOPs @{size_of[ref_tokens]}px"): "–" if g is None else f"{g:.1f}",
+                ("", flops_col): "–" if g is None else f"{g:.1f}",
                 ("", "Time slope"): _num(s["time_slope"]) + ("*" if s["time_slope_single"] else ""),
                 ("", "Memory slope"): _num(s["memory_slope"]),
-                ("", "Max tokens"): "–" if s["max_tokens"] is None else f"{s['max_tokens']} ({s['max_size']} px)",
+                ("", f"Max {what_x}"): "–" if s["max_tokens"] is None else s["max_label"],
                 ("", "Stopped by"): s["stopped"]}
             if top_col:
                 cells[("", "Time slope (top 3)")] = _num(s["time_slope_top"])
             t.rows.append((u, cells))
-        t.notes.append(f"slopes: least-squares fit of log(time) / log(peak memory) on log(tokens), over at least "
+        t.notes.append(f"slopes: least-squares fit of log(time) / log(peak memory) on log({what_x}), over at least "
                        f"{MIN_SLOPE_POINTS} points: the fully timed points not flagged † / ‡ (time) or the measured "
                        "points (memory); * = too few of those, so flagged and single-forward points are fitted too; "
                        "– = fewer points than that. 1 = linear, 2 = quadratic. GFLOPs count matmul/conv ops "
@@ -184,9 +234,20 @@ def scaling_tables(rows: Sequence[Dict[str, Any]]) -> List[Table]:
         if negative:
             t.notes.append("negative time slopes (" + ", ".join(negative) + "): at these sizes fixed per-call costs "
                            "dominate; the slope says nothing about scaling")
-        t.notes += _reach_notes(summ)
+        if axis == "tokens":
+            t.notes += _reach_notes(summ)
         tables.append(t)
     return tables
+
+
+def _reference_x(axis: str, xs: Sequence[float], grp: Sequence[Dict[str, Any]]) -> float:
+    """The point whose FLOPs the summary prints: the image side nearest 448 px (tokens), ratio 16 (NAF's default
+    28x28 -> 448) or 384 channels (DINOv2-S), else the nearest to those."""
+    if axis == "tokens":
+        size_of = {x_of(r): r["data"]["size"] for r in grp}
+        return min(xs, key=lambda n: abs(size_of[n] - 448))
+    target = 16 if axis == "ratio" else 384
+    return min(xs, key=lambda n: (abs(math.log(n / target)), n))
 
 
 def scaling_csv(rows: Sequence[Dict[str, Any]]) -> str:
@@ -196,16 +257,19 @@ def scaling_csv(rows: Sequence[Dict[str, Any]]) -> str:
 
     buf = io.StringIO()
     writer = csv.writer(buf)
-    cols = ["backbone", "device", "dtype", "threads", "memory_cap_gb", "tag", "upsampler", "family", "tokens",
-            "size_px", "status", "median_ms", "iqr_ms", "min_ms", "runs", "peak_mb", "gflops", "params",
-            "load_start", "load_end", "cpu_count", "flags"]
+    cols = ["backbone", "device", "dtype", "threads", "memory_cap_gb", "tag", "upsampler", "family", "axis", "pass",
+            "tokens", "size_px", "output_px", "ratio", "channels", "status", "median_ms", "iqr_ms", "min_ms", "runs",
+            "peak_mb", "gflops", "params", "load_start", "load_end", "cpu_count", "flags"]
     writer.writerow(cols)
     for key, grp in sorted(_scaling_groups(rows).items()):
-        for r in sorted(grp, key=lambda r: (r["upsampler"], r["data"]["tokens"])):
+        for r in sorted(grp, key=lambda r: (r["upsampler"], x_of(r))):
             c, t, m, d = r.get("config", {}), r.get("timing") or {}, r.get("memory") or {}, r["data"]
             writer.writerow([r["backbone"], (c.get("device") or {}).get("name"), c.get("dtype"), c.get("cpu_threads"),
                              c.get("memory_limit_gb"), c.get("tag") or "", r["upsampler"], d.get("family"),
-                             d["tokens"], d["size"], r["status"], t.get("median_ms"), t.get("iqr_ms"),
+                             *axis_of(r), d["tokens"], d["size"], d.get("output", d["size"]),
+                             d.get("ratio", d.get("output", d["size"]) / max(1, d.get("grid") or 1)),
+                             d.get("channels", (c.get("backbone") or {}).get("channels")),
+                             r["status"], t.get("median_ms"), t.get("iqr_ms"),
                              t.get("min_ms"), t.get("runs"), m.get("peak_mb"), d.get("gflops"),
                              (r.get("params") or {}).get("upsampler"), t.get("load_start"), t.get("load_end"),
                              t.get("cpu_count"), " ".join(point_flags(r))])

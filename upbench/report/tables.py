@@ -29,9 +29,13 @@ DATASET_LABELS = {"cocostuff": "COCO", "voc": "VOC", "ade20k": "ADE20K", "citysc
                   "depth_folder": "Depth folder", "middlebury": "Middlebury", "faceshq": "FacesHQ", "lhq": "LHQ",
                   "demo_images": "Demo images", "image_folder": "Images", "coco_captions": "COCO-5k",
                   "relaion": "reLAION-5k", "image_captions": "Captioned images", "prompt_file": "Prompts",
-                  "demo_prompts": "Demo prompts"}
-#: the papers' row order (interpolation, then local, then cross-attention methods, UPLiFT last); others follow
-UPSAMPLER_ORDER = ["nearest", "bilinear", "lift_2x", "lift", "featup", "loftup", "jafar", "anyup", "uplift"]
+                  "demo_prompts": "Demo prompts", "davis": "DAVIS-2017", "davis_mini": "DAVIS mini"}
+DATASET_LABELS.update({"navi": "NAVI", "grabcut": "GrabCut", "berkeley": "Berkeley", "davis_interactive": "DAVIS",
+                       "sbd": "SBD", "coco_instances": "COCO instances"})   # LoftUp Tables 3-4
+#: the papers' row order (interpolation, classical filters, then local, then cross-attention methods, UPLiFT last);
+#: others follow
+UPSAMPLER_ORDER = ["nearest", "bilinear", "bicubic", "jbf", "guided_filter", "lift_2x", "lift", "featup", "naf",
+                   "loftup", "jafar", "anyup", "uplift"]
 PARAMS, TIME, WEIGHTS, NOTE = ("", "Params (M)"), ("", "Time (ms)"), ("", "Weights"), ("", "Note")
 METHOD_HEADER = "Upsampler"
 
@@ -270,7 +274,8 @@ def _one_table(task: str, spec: TableSpec, gkey: Tuple[Any, ...], grp: List[Dict
                         cells[(g, m.label)] = vals.get(spec.paper_metrics.get(m.key, m.key))
             table.rows.append((f"{pr['label']} (paper)", cells))
             table.reference_rows += 1
-        table.notes.append("(paper) rows: published numbers, " + ref["source"] + "; paper times are GPU ms.")
+        source = ref[spec.paper[backbone]].get("source", ref["source"])   # a table from another paper names it
+        table.notes.append("(paper) rows: published numbers, " + source + "; paper times are GPU ms.")
     return table
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
 from .. import plotting
-from ..report.scaling import _scaling_groups, _title, point_flags
+from ..report.scaling import PASS_LABELS, _scaling_groups, _title, axis_of, point_flags, x_label, x_of
 from ..report.tables import DATASET_LABELS, UPSAMPLER_ORDER, order, protocol_of
 
 FAMILY_STYLE = {"interpolation": ":", "local": "-", "cross-attention": "--", "classical": "-."}
@@ -21,10 +21,11 @@ def _quartiles(times: Sequence[float]):
 
 
 def scaling(rows: Sequence[Mapping[str, Any]], out_dir: Path, log_scale: bool = True) -> List[str]:
-    """Per sweep (backbone, device, dtype, threads, cap): forward time and peak memory versus tokens, log-log; an
-    IQR band around each time line from the stored per-run times; line style by family (dotted interpolation, solid
-    local, dashed cross-attention); the memory cap as a horizontal line; an ✕ on the cap at the token count where a
-    method ran out of memory; ticks in tokens with the image side beneath; one legend beside the plots."""
+    """Per sweep curve (backbone, axis and pass, device, dtype, threads, cap): time and peak memory versus tokens (or
+    upsampling ratio, or channels), log-log; an IQR band around each time line from the stored per-run times; line
+    style by family (dotted interpolation, solid local, dashed cross-attention); the memory cap as a horizontal line;
+    an ✕ on the cap at the point where a method ran out of memory; ticks labelled with the image or output side; one
+    legend beside the plots."""
     plt = plotting.pyplot()
     import seaborn as sns
 
@@ -34,57 +35,61 @@ def scaling(rows: Sequence[Mapping[str, Any]], out_dir: Path, log_scale: bool = 
         palette = dict(zip(ups, sns.color_palette("tab10", max(10, len(ups)))))
         sns.set_theme(style="whitegrid", context="paper")
         fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.2))
-        tokens = sorted({r["data"]["tokens"] for r in grp})
-        size_of = {r["data"]["tokens"]: r["data"]["size"] for r in grp}
+        axis, pass_ = axis_of(grp[0])
+        tokens = sorted({x_of(r) for r in grp})
+        label_of = {x_of(r): x_label(r).replace(" (", "\n(") for r in grp}
         cap_mb = None
         for u in ups:
-            pts = sorted((r for r in grp if r["upsampler"] == u), key=lambda r: r["data"]["tokens"])
+            pts = sorted((r for r in grp if r["upsampler"] == u), key=x_of)
             family = pts[0]["data"].get("family", "local")
             style = dict(color=palette[u], linestyle=FAMILY_STYLE.get(family, "-"), marker="o", markersize=3.5,
                          linewidth=1.4)
             timed = [r for r in pts if r["status"] in ("ok", "time_limit") and r["timing"].get("median_ms")]
             if timed:
-                x = [r["data"]["tokens"] for r in timed]
+                x = [x_of(r) for r in timed]
                 axes[0].plot(x, [r["timing"]["median_ms"] for r in timed], label=f"{u} ({family})", **style)
-                band = [(r["data"]["tokens"], *_quartiles(r["timing"]["times_ms"])) for r in timed
+                band = [(x_of(r), *_quartiles(r["timing"]["times_ms"])) for r in timed
                         if len(r["timing"].get("times_ms") or []) >= 2]
                 if band:
                     axes[0].fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
                                          color=palette[u], alpha=0.18, linewidth=0)
                 flagged = [r for r in timed if point_flags(r)]
-                axes[0].scatter([r["data"]["tokens"] for r in flagged], [r["timing"]["median_ms"] for r in flagged],
+                axes[0].scatter([x_of(r) for r in flagged], [r["timing"]["median_ms"] for r in flagged],
                                 s=60, facecolors="none", edgecolors=palette[u], linewidths=1.0, zorder=6)
             mem = [r for r in pts if r["status"] in ("ok", "time_limit") and r["memory"].get("peak_mb")]
             if mem:
-                axes[1].plot([r["data"]["tokens"] for r in mem], [r["memory"]["peak_mb"] for r in mem], **style)
+                axes[1].plot([x_of(r) for r in mem], [r["memory"]["peak_mb"] for r in mem], **style)
             for r in pts:
                 limit = (r.get("memory") or {}).get("limit_gb")
                 if limit:
                     cap_mb = float(limit) * 1024
             for r in (r for r in pts if r["status"] == "oom"):
                 y = cap_mb or max((m["memory"]["peak_mb"] for m in mem), default=1.0)
-                axes[1].scatter([r["data"]["tokens"]], [y], marker="x", s=70, color=palette[u], zorder=7,
+                axes[1].scatter([x_of(r)], [y], marker="x", s=70, color=palette[u], zorder=7,
                                 linewidths=2)
         if cap_mb:
             axes[1].axhline(cap_mb, color="0.3", linewidth=1.0, linestyle=(0, (4, 2)))
             axes[1].annotate(f"memory cap {cap_mb / 1024:g} GB", (tokens[0], cap_mb), textcoords="offset points",
                              xytext=(2, 4), fontsize=8, color="0.3")
-        for ax, label in ((axes[0], "forward time (ms)"), (axes[1], "peak memory (MB)")):
+        x_name = {"tokens": "tokens (image side)", "ratio": "upsampling ratio (output side)",
+                  "channels": "channels"}[axis]
+        for ax, label in ((axes[0], f"{PASS_LABELS[pass_]} time (ms)"), (axes[1], "peak memory (MB)")):
             ax.set_ylabel(label)
             if log_scale:
                 ax.set_xscale("log")
                 ax.set_yscale("log")
             ax.set_xticks(tokens)
-            ax.set_xticklabels([f"{n}\n{size_of[n]}px" for n in tokens], fontsize=7)
+            ax.set_xticklabels([label_of[n] for n in tokens], fontsize=7)
             ax.minorticks_off()
-            ax.set_xlabel("tokens (image side)")
+            ax.set_xlabel(x_name)
         axes[0].set_title("median of the timed runs, band = IQR; ○ = flagged noisy / loaded", fontsize=8)
         axes[1].set_title("✕ = out of memory at that size (drawn on the cap)", fontsize=8)
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
         fig.suptitle("Scaling - " + _title(key), fontsize=10)
         fig.tight_layout()
-        slug = "_".join(str(k).split(" ")[0] for k in key if k)
+        curve = [v for v in (axis if axis != "tokens" else "", pass_ if pass_ != "forward" else "") if v]
+        slug = "_".join([str(key[0]), *curve] + [str(k).split(" ")[0] for k in key[2:] if k])
         paths += plotting.save(fig, Path(out_dir) / f"scaling_{_slug(slug)}")
     return paths
 
