@@ -2,7 +2,7 @@
 replaced by a "proxy" attention whose weights come from the vision foundation model's features -- here the backbone's
 features upsampled by the upsampler under test -- and whose values are CLIP's own (interpolated bilinearly to the
 proxy grid).  Each proxy token becomes a CLIP embedding; its class is the closest text embedding of the dataset's class
-names.  mIoU over the validation set (torchmetrics, as the seg probe).
+names.  mIoU over the validation set (as the seg probe counts it).
 
 ProxyCLIP's ``custom_attn`` (mc-lan/ProxyCLIP ``open_clip/transformer.py``): the last block keeps only
 ``out_proj(A @ v)`` on ``ln_1(x)`` (no residual, no MLP), A = softmax over rows of S' where S = F^T F of the
@@ -27,6 +27,7 @@ from upbench.transforms import normalize
 
 from . import register
 from ._probe import resize_prediction
+from ._seg_metrics import ConfusionMatrix
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -147,8 +148,6 @@ class OpenVocabSeg(Task):
                                "here (offline?): fetch them with huggingface-cli download where there is internet")
 
     def run(self, job: Job) -> Dict[str, Any]:
-        from torchmetrics.classification import MulticlassJaccardIndex
-
         pipe, device, val_set, cfg = job.pipe, job.device, job.val_set, job.cfg
         names = list(getattr(val_set, "class_names", ()) or [])
         num_classes, ignore = val_set.num_classes, val_set.ignore_index
@@ -159,7 +158,7 @@ class OpenVocabSeg(Task):
         beta, gamma, factor = float(cfg["beta"]), float(cfg["gamma"]), int(cfg["proxy_factor"])
         with torch.inference_mode():
             queries = text_embeddings(model, tokenizer, names, list(cfg["templates"]), device)
-        miou = MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=ignore).to(device)
+        scores = ConfusionMatrix(num_classes, ignore, device)
         labelled = 0
         grid = None
         for item in bar(pipe.items(val_set), total=len(val_set), desc="evaluate"):
@@ -173,13 +172,13 @@ class OpenVocabSeg(Task):
                 logits = torch.einsum("bdhw,kd->bkhw", F.normalize(emb.float(), dim=1), queries)
                 label = item["label"][None].to(device)
                 pred = resize_prediction(logits, label.shape[-2:]).argmax(1)
-                miou.update(pred, label)
+                scores.update(pred, label)
             labelled += int((item["label"] != ignore).sum())
         if labelled == 0:
             raise RunFailed(f"{getattr(val_set, 'name', 'the dataset')}: the validation labels have no labelled pixel "
                             "(all ignore); check the label files and dataset.val_split")
         return {
-            "metrics": {"miou": float(miou.compute()) * 100},
+            "metrics": {"miou": scores.miou() * 100},
             "data": {"n_val": len(val_set), "img_size": val_set.img_size, "feature_grid": list(grid or ()),
                      "proxy_grid": list(size), "num_classes": num_classes, "n_templates": len(cfg["templates"]),
                      "clip_model": str(cfg["clip_model"])},

@@ -14,6 +14,7 @@ from upbench.protocols import Job, Metric, TableSpec, Task
 
 from . import register
 from ._probe import check_probe_cfg, load_head, resize_labels, resize_prediction, save_head, train_probe
+from ._seg_metrics import ConfusionMatrix
 
 RESIZE_AT = ("features", "logits", "labels")
 
@@ -38,8 +39,6 @@ class SegProbe(Task):
             raise UpbenchError(f"unknown task.resize_at '{cfg['task'].get('resize_at')}'; valid: {', '.join(RESIZE_AT)}")
 
     def run(self, job: Job) -> Dict[str, Any]:
-        from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
-
         pipe, device, train_set, val_set = job.pipe, job.device, job.train_set, job.val_set
         probe_cfg = job.cfg["probe"]
         num_classes, ignore = train_set.num_classes, train_set.ignore_index
@@ -61,9 +60,7 @@ class SegProbe(Task):
         epoch_s, losses = train_probe(train_set, probe_cfg, probe.parameters(), job.seed, batch_loss, job.log,
                                       checkpoint=job.checkpoint, autocast=pipe.autocast, loader=pipe.loader)
 
-        miou = MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=ignore).to(device)
-        per_class = MulticlassJaccardIndex(num_classes=num_classes, average="none", ignore_index=ignore).to(device)
-        acc = MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=ignore).to(device)
+        scores = ConfusionMatrix(num_classes, ignore, device)
         support = torch.zeros(num_classes, dtype=torch.long)
         with torch.inference_mode(), pipe.autocast():
             for item in bar(pipe.items(val_set), total=len(val_set), desc="evaluate"):
@@ -73,17 +70,16 @@ class SegProbe(Task):
                     pred = resize_labels(probe(feats).argmax(1), label.shape[-2:])
                 else:
                     pred = resize_prediction(probe(feats), label.shape[-2:]).argmax(1)
-                for metric in (miou, per_class, acc):
-                    metric.update(pred, label)
+                scores.update(pred, label)
                 valid = item["label"][item["label"] != ignore]
                 support += torch.bincount(valid.flatten(), minlength=num_classes)[:num_classes]
         if int(support.sum()) == 0:   # nothing to score: no mIoU, not a 0 (or NaN) one
             raise RunFailed(f"{getattr(val_set, 'name', 'the dataset')}: the validation labels have no labelled pixel "
                             "(all ignore); check the label files and dataset.val_split")
-        ious = per_class.compute().float().cpu() * 100
+        ious = scores.iou().float().cpu() * 100
         names = list(getattr(train_set, "class_names", ()) or [str(k) for k in range(num_classes)])
         return {
-            "metrics": {"miou": float(miou.compute()) * 100, "acc": float(acc.compute()) * 100,
+            "metrics": {"miou": scores.miou() * 100, "acc": scores.accuracy() * 100,
                         "final_train_loss": losses[-1] if losses else None,
                         # classes with no pixel in the validation labels have no IoU (None), not 0
                         "per_class_iou": [float(v) if n > 0 else None for v, n in zip(ious.tolist(), support.tolist())]},

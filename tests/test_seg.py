@@ -85,6 +85,8 @@ def test_lr_schedules():
 def test_metrics_match_a_confusion_matrix():
     from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
+    from upbench.tasks._seg_metrics import ConfusionMatrix
+
     g = torch.Generator().manual_seed(1)
     target = torch.randint(0, 4, (2, 16, 16), generator=g)
     target[0, :3] = 255
@@ -94,10 +96,44 @@ def test_metrics_match_a_confusion_matrix():
     for t, p in zip(target[valid].tolist(), pred[valid].tolist()):
         cm[t, p] += 1
     iou = np.diag(cm) / (cm.sum(0) + cm.sum(1) - np.diag(cm))
+    ours = ConfusionMatrix(4, 255)
+    ours.update(pred[:1], target[:1])   # streamed over two updates
+    ours.update(pred[1:], target[1:])
+    assert ours.miou() == pytest.approx(iou.mean(), abs=1e-9)
+    assert ours.accuracy() == pytest.approx(np.diag(cm).sum() / cm.sum(), abs=1e-9)
+    np.testing.assert_allclose(ours.iou().numpy(), iou, atol=1e-9)
     miou = MulticlassJaccardIndex(num_classes=4, average="macro", ignore_index=255)(pred, target)
     acc = MulticlassAccuracy(num_classes=4, average="micro", ignore_index=255)(pred, target)
     assert float(miou) == pytest.approx(iou.mean(), abs=1e-6)
     assert float(acc) == pytest.approx(np.diag(cm).sum() / cm.sum(), abs=1e-6)
+
+
+@pytest.mark.parametrize("ignore", [255, 0, None])
+def test_confusion_matrix_scores_equal_torchmetrics(ignore):
+    """The seg tasks' scores are torchmetrics' (macro / per-class Jaccard, micro accuracy), also with classes that
+    are neither labelled nor predicted and with an ignore index inside the class range."""
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+    from upbench.tasks._seg_metrics import ConfusionMatrix
+
+    g = torch.Generator().manual_seed(3)
+    k = 7
+    target = torch.randint(0, 5, (3, 20, 24), generator=g)            # classes 5, 6 never labelled...
+    noise = torch.randint(0, 5, target.shape, generator=g)
+    pred = torch.where(torch.rand(target.shape, generator=g) < 0.6, target, noise)
+    pred[0, 0, :4] = 5                                                  # ...5 predicted, 6 never seen at all
+    if ignore == 255:
+        target[1, :5] = 255
+    ours = ConfusionMatrix(k, ignore)
+    for p, t in zip(pred, target):
+        ours.update(p[None], t[None])
+    ref_macro = MulticlassJaccardIndex(num_classes=k, average="macro", ignore_index=ignore)(pred, target)
+    ref_none = MulticlassJaccardIndex(num_classes=k, average="none", ignore_index=ignore)(pred, target)
+    ref_acc = MulticlassAccuracy(num_classes=k, average="micro", ignore_index=ignore)(pred, target)
+    assert ours.miou() == pytest.approx(float(ref_macro), abs=1e-6)
+    np.testing.assert_allclose(ours.iou().numpy(), ref_none.numpy(), atol=1e-6)
+    assert ours.accuracy() == pytest.approx(float(ref_acc), abs=1e-6)
+    assert ours.iou()[6] == 0 and ours.iou()[5] == 0
 
 
 def test_split_slices_partition_one_folder(tmp_path):

@@ -47,18 +47,18 @@ def _wait_for(results, predicate, timeout=120):
 @pytest.mark.slow
 def test_multirun_through_sbatch_then_report_status_and_cancel(cluster, tmp_path):
     results = tmp_path / "results"
-    cmd = ["run", *SEG, "upsampler=bilinear,nearest,lift_2x", "task.probe.epochs=2", "cluster=local"]
+    cmd = ["run", *SEG, "upsampler=bilinear,nearest", "task.probe.epochs=2", "cluster=local"]   # one array, 2 tasks
     first = upbench(results, *cmd)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "submitted as slurm job" in first.stdout + first.stderr
     rows = _rows(results)
-    assert sorted(r["upsampler"] for r in rows.values()) == ["bilinear", "lift_2x", "nearest"]
+    assert sorted(r["upsampler"] for r in rows.values()) == ["bilinear", "nearest"]
     report = upbench(results, "report")
     assert report.returncode == 0
-    for name in ("bilinear", "nearest", "lift_2x"):
+    for name in ("bilinear", "nearest"):
         assert f"| {name} |" in report.stdout
     jobs = _status(results)
-    assert [j["state"] for j in jobs] == ["finished"] * 3
+    assert [j["state"] for j in jobs] == ["finished"] * 2
     assert all("_" in j["job_id"] for j in jobs)   # one array job, one task per combination
 
     # an extra, long job, submitted without waiting and cancelled while it runs
@@ -69,11 +69,11 @@ def test_multirun_through_sbatch_then_report_status_and_cancel(cluster, tmp_path
     subprocess.run(["scancel", job["job_id"]], check=True)
     job = _wait_for(results, lambda js: js[0]["state"] != "running")[0]
     assert job["state"] == "cancelled" and "CANCELLED" in job["detail"] and job["log"]
-    assert len(_rows(results)) == 3
+    assert len(_rows(results)) == 2
 
     # the same multirun again: everything is finished, nothing is submitted
     again = upbench(results, *cmd)
-    assert again.returncode == 0 and "0 of 3 jobs submitted" in again.stdout + again.stderr
+    assert again.returncode == 0 and "0 of 2 jobs submitted" in again.stdout + again.stderr
 
 
 @pytest.mark.slow
@@ -81,7 +81,7 @@ def test_preempted_probe_is_requeued_and_resumes_to_the_uninterrupted_result(clu
     """SIGUSR2 is how SLURM announces preemption: submitit checkpoints (requeues the job), the requeued job's probe
     resumes from its last epoch checkpoint and ends with the same row as a run that was never interrupted."""
     results = tmp_path / "results"
-    probe = [*SEG, "upsampler=bilinear", "task.probe.epochs=1200"]
+    probe = [*SEG, "upsampler=bilinear", "task.probe.epochs=400"]   # ~7 s of epochs: time to preempt it
     sub = upbench(results, "run", *probe, "cluster=local", "hydra.launcher.wait=false")
     assert sub.returncode == 0, sub.stderr[-3000:]
     job = _wait_for(results, lambda js: js[0]["state"] == "running")[0]

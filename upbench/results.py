@@ -15,6 +15,7 @@ import platform
 import subprocess
 import sys
 import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
@@ -39,8 +40,6 @@ def config_hash(config: Mapping[str, Any], exclude: Iterable[str] = HASH_EXCLUDE
 
 def _direct_url() -> Dict[str, Any]:
     """The installer's record of where upbench came from (PEP 610), if any."""
-    from importlib import metadata
-
     try:
         text = metadata.distribution("upbench").read_text("direct_url.json")
     except metadata.PackageNotFoundError:
@@ -88,8 +87,6 @@ def git_sha() -> Optional[str]:
 
 
 def upbench_version() -> str:
-    from importlib import metadata
-
     import upbench
 
     try:
@@ -112,11 +109,20 @@ def versions() -> Dict[str, Optional[str]]:
     info: Dict[str, Optional[str]] = {"upbench": upbench_version(), "torch": torch.__version__,
                                       "python": platform.python_version(), "git_sha": git_sha()}
     for pkg in ("timm", "torchvision", "torchmetrics"):
-        try:
-            info[pkg] = __import__(pkg).__version__
-        except Exception:  # a broken optional import must not lose a finished result
-            info[pkg] = None
+        info[pkg] = _package_version(pkg)
     return info
+
+
+def _package_version(pkg: str) -> Optional[str]:
+    """The version of ``pkg`` as loaded, or as installed when the job never imported it: importing a package only
+    to read its version costs seconds (torchmetrics alone ~8 s on a laptop CPU) in every job."""
+    loaded = sys.modules.get(pkg)
+    if loaded is not None and getattr(loaded, "__version__", None):
+        return str(loaded.__version__)
+    try:
+        return metadata.version(pkg)
+    except Exception:  # noqa: BLE001  (a broken install must not lose a finished result)
+        return None
 
 
 def device_info(device: Any) -> Dict[str, Any]:
