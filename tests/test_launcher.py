@@ -37,26 +37,25 @@ def _rows(results):
 
 def test_local_launcher_skips_finished_records_jobs_and_lists_failures(tmp_path):
     results = tmp_path / "results"
-    first = upbench(results, "run", *SEG, "upsampler=bilinear,nearest", "task.probe.epochs=2", "hydra/launcher=local")
+    first = upbench(results, "run", *SEG, "upsampler=bilinear", "task.probe.epochs=2", "hydra/launcher=local")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert len(_rows(results)) == 2
+    assert len(_rows(results)) == 1
     status = upbench(results, "status")
-    assert status.returncode == 0 and "2 finished" in status.stdout, status.stdout
-    # bilinear and nearest are done: only the new combination is submitted; featup's default weights cannot be
-    # downloaded offline, so that job fails and is listed with its log, and the command exits 1
-    again = upbench(results, "run", *SEG, "upsampler=bilinear,nearest,featup", "task.probe.epochs=2",
-                    "hydra/launcher=local")
+    assert status.returncode == 0 and "1 finished" in status.stdout, status.stdout
+    # bilinear is done: only the new combination is submitted; featup's default weights cannot be downloaded
+    # offline, so that job fails and is listed with its log, and the command exits 1
+    again = upbench(results, "run", *SEG, "upsampler=bilinear,featup", "task.probe.epochs=2", "hydra/launcher=local")
     assert again.returncode == 1
     out = again.stdout + again.stderr
-    assert "1 of 3 jobs submitted" in out and out.count("already finished") == 2
+    assert "1 of 2 jobs submitted" in out and out.count("already finished") == 1
     assert "1 job(s) failed" in again.stderr and "could not download featup weights" in again.stderr
     st = [json.loads(line) for line in upbench(results, "status", "--json").stdout.splitlines()]
-    assert [j["state"] for j in st] == ["finished", "finished", "failed"]
-    failed = st[2]
+    assert [j["state"] for j in st] == ["finished", "failed"]
+    failed = st[1]
     assert failed["log"].endswith("_log.err") and Path(failed["log"]).is_file()
     assert "could not download featup weights" in failed["detail"]
     assert "could not download featup weights" in Path(failed["log"]).read_text()
-    assert len(_rows(results)) == 2
+    assert len(_rows(results)) == 1
     listing = upbench(results, "status", "--sweep", "all").stdout
     assert listing.count("sweep ") == 2 and "log:" in listing
 

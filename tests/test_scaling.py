@@ -271,23 +271,36 @@ def test_an_error_inside_the_sweep_job_is_one_line_exit_2(tmp_path):
 
 
 def test_quick_sweep_every_upsampler_and_report(tmp_path):
-    """The CI run of ``upbench sweep scaling --quick``: every registered feature upsampler, table, slopes, PNG,
-    then ``upbench report --scaling`` reprints the same tables from the store."""
-    out = run_cli(["sweep", "scaling", "--quick"], tmp_path, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    """``upbench sweep scaling --quick``: its grid holds every registered feature upsampler at three sizes; each of
+    them is measured by the sweep's worker (at the grid's first size), two of them over the whole grid give the table,
+    slopes and PNG, then ``upbench report --scaling`` reprints the same summary from the store."""
     from upbench import upsamplers
 
     names = [n for n in upsamplers.available() if n not in ("uplift_vae", "lowres", "input2x")]
+    grid = scaling.resolve(sweep_cfg(tmp_path), quick=True)
+    assert sorted(grid["upsamplers"]) == sorted(names)
+    assert [(axis, pass_, [pt[0] for pt in pts]) for axis, pass_, pts in scaling.plan(grid)] == \
+        [("tokens", "forward", [32, 48, 64])]
+    every = run_cli(["sweep", "scaling", "--quick", "sizes=[32]", "plot=false"], tmp_path, timeout=900)
+    assert every.returncode == 0, every.stderr[-3000:]
     rows = [r for r in ResultStore(str(tmp_path / "results")).rows() if r["task"] == "scaling"]
     assert {r["upsampler"] for r in rows} == set(names)
     assert all(r["status"] == "ok" for r in rows), [(r["upsampler"], r["status"], r["error"]) for r in rows]
-    assert len(rows) == 3 * len(names)
+    assert len(rows) == len(names)
+    out = run_cli(["sweep", "scaling", "--quick", "upsamplers=[bilinear,uplift]"], tmp_path, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("[done]") == 2 and out.stdout.count("[new]") == 4     # the 32 px points are reused
+    rows = [r for r in ResultStore(str(tmp_path / "results")).rows() if r["task"] == "scaling"]
+    assert len(rows) == len(names) + 4 and all(r["status"] == "ok" for r in rows)
     assert "Scaling summary" in out.stdout and "Time slope" in out.stdout
     png, = (tmp_path / "results" / "figures").glob("scaling_dinov3_splus16*.png")
     assert png.stat().st_size > 10_000
     rep = run_cli(["report", "--scaling", "--plot", str(tmp_path / "again.png")], tmp_path)
     assert rep.returncode == 0
-    summary = rep.stdout[rep.stdout.index("### Scaling summary"):]
-    assert summary in out.stdout
+    def summary_rows(text):   # the slope rows of bilinear and uplift (the report also lists the 32 px-only ones)
+        part = text[text.index("### Scaling summary"):]
+        return [line for line in part.splitlines() if line.startswith(("| bilinear |", "| uplift |"))]
+    assert len(summary_rows(out.stdout)) == 2 and summary_rows(rep.stdout) == summary_rows(out.stdout)
+    assert all(f"| {n} |" in rep.stdout for n in names)
     again = run_cli(["sweep", "scaling", "--quick", "upsamplers=[bilinear]"], tmp_path)
     assert again.returncode == 0 and "[done]" in again.stdout and "[new]" not in again.stdout

@@ -299,7 +299,21 @@ def cmd_sweep(argv: List[str]) -> None:
         _fail(f"unknown option {unknown[0]} for upbench sweep (options: --quick, -m, --cfg job|hydra|all, --resolve, "
               "--info, --help; the rest are key=value overrides)")
     flags, overrides, multirun = prepare(rest, f"sweep/{name}")
-    _hydra_main(flags + overrides + (["use_quick=true"] if quick else []), multirun, f"sweep/{name}", _sweep_job)
+    if quick:
+        overrides = [*_onto_quick_grid(name, overrides), "use_quick=true"]
+    _hydra_main(flags + overrides, multirun, f"sweep/{name}", _sweep_job)
+
+
+def _onto_quick_grid(name: str, overrides: List[str]) -> List[str]:
+    """``--quick`` replaces the sweep's keys by its ``quick`` block; a key of that block set on the command line
+    (``--quick sizes=[32]``) is meant for this run, so it goes into the block (``quick.sizes=[32]``)."""
+    import yaml
+
+    from .config import config_dir
+
+    data = yaml.safe_load((config_dir() / "sweep" / f"{name}.yaml").read_text()) or {}
+    keys = set(data.get("quick") or {})
+    return [f"quick.{o}" if "=" in o and o.split("=", 1)[0].split(".")[0] in keys else o for o in overrides]
 
 
 def cmd_status(argv: List[str]) -> None:
