@@ -1,7 +1,7 @@
 """Forward time of every registered feature upsampler at DINOv2-S/14 448 px shapes (not part of the default run).
 
-    python -m pytest benchmarks/ --benchmark-columns=median,iqr,rounds
-    UPBENCH_BENCH_ROUNDS=10 python -m pytest benchmarks/ -k uplift
+    python -m pytest -n 0 benchmarks/ --benchmark-columns=median,iqr,rounds
+    UPBENCH_BENCH_ROUNDS=10 python -m pytest -n 0 benchmarks/ -k uplift
 
 Image (1, 3, 448, 448), features (1, 384, 32, 32), output (448, 448), random weights (timing does not depend on
 them), inference mode, the thread count recorded in ``extra_info``. Compare methods only within one run."""

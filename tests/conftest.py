@@ -3,7 +3,12 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# the test files run in parallel workers (pyproject's addopts): OpenMP threads that spin while they wait would
+# starve the other worker on a small machine, as on any shared CPU (the CLI asks for the same)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402  (after the OpenMP setting, which torch reads when it loads)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("UPBENCH_SHARED_DIR", ROOT.parent / "shared"))
