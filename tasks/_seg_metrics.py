@@ -25,6 +25,10 @@ class ConfusionMatrix:
         bins = torch.bincount(target * self.num_classes + pred, minlength=self.num_classes ** 2)
         self.counts += bins[: self.num_classes ** 2].reshape(self.num_classes, self.num_classes)
 
+    def support(self) -> torch.Tensor:
+        """Labelled pixels per class (the matrix's rows)."""
+        return self.counts.sum(1)
+
     def _in_range_ignore(self) -> bool:
         return self.ignore_index is not None and 0 <= self.ignore_index < self.num_classes
 

@@ -159,7 +159,6 @@ class OpenVocabSeg(Task):
         with torch.inference_mode():
             queries = text_embeddings(model, tokenizer, names, list(cfg["templates"]), device)
         scores = ConfusionMatrix(num_classes, ignore, device)
-        labelled = 0
         grid = None
         for item in bar(pipe.items(val_set), total=len(val_set), desc="evaluate"):
             feats, _ = pipe.item_features(item)
@@ -173,8 +172,7 @@ class OpenVocabSeg(Task):
                 label = item["label"][None].to(device)
                 pred = resize_prediction(logits, label.shape[-2:]).argmax(1)
                 scores.update(pred, label)
-            labelled += int((item["label"] != ignore).sum())
-        if labelled == 0:
+        if int(scores.support().sum()) == 0:
             raise RunFailed(f"{getattr(val_set, 'name', 'the dataset')}: the validation labels have no labelled pixel "
                             "(all ignore); check the label files and dataset.val_split")
         return {

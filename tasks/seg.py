@@ -61,7 +61,6 @@ class SegProbe(Task):
                                       checkpoint=job.checkpoint, autocast=pipe.autocast, loader=pipe.loader)
 
         scores = ConfusionMatrix(num_classes, ignore, device)
-        support = torch.zeros(num_classes, dtype=torch.long)
         with torch.inference_mode(), pipe.autocast():
             for item in bar(pipe.items(val_set), total=len(val_set), desc="evaluate"):
                 feats = pipe.item_upsampled(item, False, size)[None].to(device)
@@ -71,8 +70,7 @@ class SegProbe(Task):
                 else:
                     pred = resize_prediction(probe(feats), label.shape[-2:]).argmax(1)
                 scores.update(pred, label)
-                valid = item["label"][item["label"] != ignore]
-                support += torch.bincount(valid.flatten(), minlength=num_classes)[:num_classes]
+        support = scores.support().cpu()
         if int(support.sum()) == 0:   # nothing to score: no mIoU, not a 0 (or NaN) one
             raise RunFailed(f"{getattr(val_set, 'name', 'the dataset')}: the validation labels have no labelled pixel "
                             "(all ignore); check the label files and dataset.val_split")

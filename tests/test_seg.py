@@ -134,6 +134,8 @@ def test_confusion_matrix_scores_equal_torchmetrics(ignore):
     np.testing.assert_allclose(ours.iou().numpy(), ref_none.numpy(), atol=1e-6)
     assert ours.accuracy() == pytest.approx(float(ref_acc), abs=1e-6)
     assert ours.iou()[6] == 0 and ours.iou()[5] == 0
+    labelled = target[target != ignore] if ignore is not None else target
+    assert ours.support().tolist() == torch.bincount(labelled.flatten(), minlength=k)[:k].tolist()
 
 
 def test_split_slices_partition_one_folder(tmp_path):
